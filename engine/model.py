@@ -1,0 +1,149 @@
+"""Ovis1.6 for vLLM, computing what the reference model computes (REFERENCE.md).
+
+    pixels -> SigLIP (last encoder layer, no post-LayerNorm) -> hidden_stride merge
+           -> head Linear -> [LayerNorm -> softmax -> (+5 zero columns) @ VTE]   (kernels/)
+    image  -> [indicator rows and per-crop embeddings in the reference layout] * sqrt(hidden)
+    prompt -> Gemma2 with those embeddings over the image's placeholder positions
+
+Where this differs from vLLM's built-in Ovis (items 1-3 of REFERENCE.md's list): indicators take
+VTE rows V-5..V-1 in the reference order, SigLIP's post-LayerNorm is skipped, and visual rows get
+Gemma2's sqrt(hidden_size) embedding scale like the text rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from vllm.config import VllmConfig
+from vllm.model_executor.layers.linear import ReplicatedLinear
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal, SupportsPP
+from vllm.model_executor.models.siglip import SiglipVisionModel
+from vllm.model_executor.models.utils import AutoWeightsLoader, init_vllm_registered_model, maybe_prefix
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.sequence import IntermediateTensors
+
+from kernels import visual_embedding
+
+from .placeholders import IMAGE_ATOM, IMAGE_TOKEN, NUM_INDICATORS, image_layout, indicator_vte_row
+from .processor import OvisDummyInputsBuilder, OvisMultiModalProcessor, OvisProcessingInfo
+
+
+class OvisVisualTokenizer(nn.Module):
+    """SigLIP backbone + head: crops -> per-token logits over the visual vocabulary (pre-LayerNorm).
+
+    The LayerNorm (`head.1`) is applied inside `kernels.visual_embedding`, fused with the softmax
+    and the VTE product."""
+
+    def __init__(self, config, quant_config=None, prefix: str = ""):
+        super().__init__()
+        self.hidden_stride = config.hidden_stride
+        # Ovis reads hidden_states[-1]: the last encoder layer BEFORE SigLIP's post-LayerNorm.
+        self.backbone = SiglipVisionModel(config.backbone_config, quant_config,
+                                          require_post_norm=False, prefix=maybe_prefix(prefix, "backbone"))
+        head_width = config.vocab_size - NUM_INDICATORS
+        self.head = nn.Sequential(
+            ReplicatedLinear(config.backbone_config.hidden_size * self.hidden_stride**2, head_width,
+                             bias=False, return_bias=False, quant_config=quant_config,
+                             prefix=maybe_prefix(prefix, "head.0")),
+            nn.LayerNorm(head_width),
+        )
+
+    def merge_patches(self, features: torch.Tensor) -> torch.Tensor:
+        """[n, g*g, d] -> [n, (G/s)^2, s*s*d]: zero-pad the g x g patch grid to a multiple G of the
+        stride s, then concatenate each s x s block row-major."""
+        s = self.hidden_stride
+        n, length, d = features.shape
+        g = int(length**0.5)
+        assert g * g == length, f"patch count {length} is not a square"
+        pad = -g % s
+        grid = F.pad(features.reshape(n, g, g, d), (0, 0, 0, pad, 0, pad))
+        big = (g + pad) // s
+        blocks = grid.reshape(n, big, s, big, s, d).permute(0, 1, 3, 2, 4, 5)
+        return blocks.reshape(n, big * big, s * s * d)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        features = self.merge_patches(self.backbone(pixel_values))
+        return self.head[0](features)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    OvisMultiModalProcessor, info=OvisProcessingInfo, dummy_inputs=OvisDummyInputsBuilder)
+class Ovis(nn.Module, SupportsMultiModal, SupportsPP):
+    @classmethod
+    def get_placeholder_str(cls, modality: str, i: int) -> str | None:
+        if modality.startswith("image"):
+            return IMAGE_TOKEN
+        raise ValueError(f"Ovis supports images only, not {modality}")
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.config = config
+        max_len = vllm_config.model_config.max_model_len
+        if max_len > config.multimodal_max_length:
+            raise ValueError(
+                f"max_model_len {max_len} exceeds this checkpoint's multimodal_max_length "
+                f"{config.multimodal_max_length}; the reference model never sees longer sequences")
+
+        with self._mark_language_model(vllm_config):
+            self.llm = init_vllm_registered_model(
+                vllm_config=vllm_config.with_hf_config(config.get_text_config()),
+                prefix=maybe_prefix(prefix, "llm"))
+        with self._mark_tower_model(vllm_config, "image"):
+            self.visual_tokenizer = OvisVisualTokenizer(
+                config.visual_tokenizer_config, vllm_config.quant_config,
+                prefix=maybe_prefix(prefix, "visual_tokenizer"))
+            self.vte = nn.Embedding(config.visual_tokenizer_config.vocab_size, config.hidden_size)
+        self.make_empty_intermediate_tensors = self.llm.make_empty_intermediate_tensors
+
+    def _image_embeddings(self, logits: torch.Tensor, grids: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Lay out indicators and crop embeddings per image, scaled like Gemma2's text rows."""
+        vocab, per_crop = self.vte.num_embeddings, logits.shape[1]
+        ln = self.visual_tokenizer.head[1]
+        crop_embeds = visual_embedding(logits.flatten(0, 1), ln.weight, ln.bias, self.vte.weight, ln.eps)
+        # One table holding every crop token's embedding followed by the 5 indicator rows, so an
+        # image is a single gather in the reference order.
+        table = torch.cat([crop_embeds, self.vte.weight[vocab - NUM_INDICATORS:]])
+        indicator_base = crop_embeds.shape[0] - (vocab - NUM_INDICATORS)
+        normalizer = self.llm.model.normalizer
+        images, next_crop = [], 0
+        for grid in grids:
+            index = []
+            for item in image_layout(grid):
+                if item == IMAGE_ATOM:
+                    index.extend(range(next_crop * per_crop, (next_crop + 1) * per_crop))
+                    next_crop += 1
+                else:
+                    index.append(indicator_base + indicator_vte_row(item, vocab))
+            rows = torch.tensor(index, device=table.device)
+            images.append(table.index_select(0, rows) * normalizer)
+        return images
+
+    def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
+        pixel_values, grids = kwargs.get("pixel_values"), kwargs.get("grids")
+        if pixel_values is None:
+            return []
+        if isinstance(pixel_values, (list, tuple)):
+            pixel_values = torch.cat(list(pixel_values))
+        grids = [tuple(int(v) for v in g) for g in torch.as_tensor(grids).reshape(-1, 2).tolist()]
+        dtype = self.vte.weight.dtype
+        logits = self.visual_tokenizer(pixel_values.to(dtype))
+        return tuple(self._image_embeddings(logits, grids))
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None = None,
+                inputs_embeds: torch.Tensor | None = None, **kwargs: object):
+        if intermediate_tensors is not None:
+            inputs_embeds = None
+        return self.llm(input_ids=input_ids, positions=positions,
+                        intermediate_tensors=intermediate_tensors, inputs_embeds=inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.llm.compute_logits(hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return AutoWeightsLoader(self).load_weights(weights)

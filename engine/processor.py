@@ -1,0 +1,150 @@
+"""vLLM multimodal processor for Ovis: images -> crops + grid, `<image>` -> placeholder run.
+
+The renderer has already tokenized the prompt; the `<image>` marker is one token there (the
+tokenizer knows it as an added token, so text on either side is tokenized separately, as the
+reference does). Each marker is replaced by `num_image_tokens(grid)` copies of `<unused0>`,
+and the model's `embed_multimodal` returns exactly that many embeddings per image, indicators
+included, in the reference's order.
+
+Per-server options (``--mm-processor-kwargs``) and per-request ``mm_processor_kwargs``:
+``max_partition`` (default 9), ``covering_threshold`` (default 0.9), ``max_pixels``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import BatchFeature
+
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.parse import ImageSize, MultiModalDataItems
+from vllm.multimodal.processing import (
+    BaseDummyInputsBuilder,
+    BaseMultiModalProcessor,
+    BaseProcessingInfo,
+    PromptReplacement,
+    cached_encode,
+)
+from vllm.renderers import TokenizeParams
+
+from .placeholders import IMAGE_PAD_ID, IMAGE_TOKEN, num_crops, num_image_tokens, tokens_per_crop
+from .preprocess import DEFAULT_MAX_PIXELS, preprocess_image
+
+DEFAULT_MAX_PARTITION = 9
+DEFAULT_COVERING_THRESHOLD = 0.9
+PROCESSOR_OPTIONS = ("max_partition", "covering_threshold", "max_pixels")
+
+
+class OvisProcessingInfo(BaseProcessingInfo):
+    @property
+    def backbone_config(self):
+        return self.get_hf_config().visual_tokenizer_config.backbone_config
+
+    @property
+    def image_side(self) -> int:
+        return self.backbone_config.image_size
+
+    @property
+    def tokens_per_crop(self) -> int:
+        cfg = self.get_hf_config().visual_tokenizer_config
+        return tokens_per_crop(self.image_side, self.backbone_config.patch_size, cfg.hidden_stride)
+
+    def get_default_tok_params(self) -> TokenizeParams:
+        # The chat template writes <bos> itself, as the reference's formatter does.
+        return super().get_default_tok_params().with_kwargs(add_special_tokens=False)
+
+    def get_supported_mm_limits(self) -> Mapping[str, int | None]:
+        return {"image": None}
+
+    def get_supported_mm_processor_kwargs(self) -> dict[str, set[str]]:
+        return {}  # no Hugging Face processor: our options stay flat
+
+    def processor_options(self, request_kwargs: Mapping[str, object]) -> dict[str, object]:
+        """Server-level --mm-processor-kwargs merged with the request's, validated."""
+        merged = self.ctx.get_merged_mm_kwargs(request_kwargs)
+        unknown = sorted(set(merged) - set(PROCESSOR_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown Ovis mm_processor_kwargs {unknown}; "
+                             f"supported: {list(PROCESSOR_OPTIONS)}")
+        opts = {
+            "max_partition": int(merged.get("max_partition", DEFAULT_MAX_PARTITION)),
+            "covering_threshold": float(merged.get("covering_threshold", DEFAULT_COVERING_THRESHOLD)),
+            "max_pixels": int(merged.get("max_pixels", DEFAULT_MAX_PIXELS)),
+        }
+        return opts
+
+    def max_grid(self) -> tuple[int, int]:
+        """The grid with the most crops allowed by the server's max_partition."""
+        k = self.processor_options({})["max_partition"]
+        return max(((r, c) for r in range(1, k + 1) for c in range(1, k + 1) if r * c <= k),
+                   key=lambda g: g[0] * g[1])
+
+    def get_image_size_with_most_features(self) -> ImageSize:
+        rows, cols = self.max_grid()
+        return ImageSize(width=cols * self.image_side, height=rows * self.image_side)
+
+    def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
+        return {"image": num_image_tokens(self.max_grid(), self.tokens_per_crop)}
+
+
+class OvisDummyInputsBuilder(BaseDummyInputsBuilder[OvisProcessingInfo]):
+    def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
+        return IMAGE_TOKEN * mm_counts.get("image", 0)
+
+    def get_dummy_mm_data(self, seq_len, mm_counts, mm_options):
+        size = self.info.get_image_size_with_most_features()
+        return {"image": self._get_dummy_images(
+            width=size.width, height=size.height, num_images=mm_counts.get("image", 0),
+            overrides=mm_options.get("image") if mm_options else None)}
+
+
+def _as_pil(image: object) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, torch.Tensor):
+        image = image.cpu().numpy()
+    if isinstance(image, np.ndarray):
+        return Image.fromarray(image)
+    raise ValueError(f"unsupported image type {type(image).__name__}; pass a PIL image")
+
+
+class OvisMultiModalProcessor(BaseMultiModalProcessor[OvisProcessingInfo]):
+    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
+        opts = self.info.processor_options(hf_kwargs)
+        side = self.info.image_side
+        pixels, grids = [], []
+        for image in hf_data.get("images", []):
+            px, grid = preprocess_image(_as_pil(image), side, **opts)
+            pixels.append(px)
+            grids.append(grid)
+        return BatchFeature({
+            "pixel_values": torch.cat(pixels) if pixels else torch.empty(0, 3, side, side),
+            "grids": torch.tensor(grids, dtype=torch.long).reshape(-1, 2),
+        })
+
+    def _get_mm_fields_config(self, hf_inputs: BatchFeature, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:
+        # Empty when every image of the request came from the processor cache.
+        grids = hf_inputs.get("grids", torch.empty(0, 2, dtype=torch.long))
+        crops = torch.tensor([num_crops(tuple(g)) for g in grids.tolist()], dtype=torch.long)
+        return {
+            "pixel_values": MultiModalFieldConfig.flat_from_sizes("image", crops),
+            "grids": MultiModalFieldConfig.batched("image", keep_on_cpu=True),
+        }
+
+    def _get_prompt_updates(self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs,
+                            out_mm_kwargs: MultiModalKwargsItems) -> list[PromptReplacement]:
+        tokenizer = self.info.get_tokenizer()
+        per_crop = self.info.tokens_per_crop
+
+        def replacement(item_idx: int) -> list[int]:
+            grid = tuple(out_mm_kwargs["image"][item_idx]["grids"].data.tolist())
+            return [IMAGE_PAD_ID] * num_image_tokens(grid, per_crop)
+
+        return [PromptReplacement(
+            modality="image",
+            target=cached_encode(tokenizer, IMAGE_TOKEN, add_special_tokens=False),
+            replacement=replacement,
+        )]

@@ -1,0 +1,175 @@
+"""The engine (our plugin inside vLLM) against the independent reference forward, in fp32.
+
+Checked per prompt: the expanded prompt (placeholder positions and text ids), every prompt
+log-probability, and the greedy continuation. Greedy tokens must match exactly unless the
+reference itself sees a near-tie (top-2 logit gap below GREEDY_TIE_GAP) at the first
+divergence, which fp32 rounding may legitimately flip.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.ovis_reference import reference_grid
+
+# fp32 end to end; the measured max |diff| over many seeds is ~1e-5.
+PROMPT_LOGPROB_ATOL = 2e-4
+GREEDY_TIE_GAP = 1e-3
+MAX_NEW_TOKENS = 8
+SIDE = 76  # the tiny preset's image side
+
+
+def rand_image(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    # Smooth-ish content so crops and resizes carry signal, not just noise.
+    base = rng.integers(0, 256, (max(1, height // 8 + 1), max(1, width // 8 + 1), 3), dtype=np.uint8)
+    img = Image.fromarray(base).resize((width, height), Image.BILINEAR)
+    noise = rng.integers(0, 40, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(np.asarray(img) // 2 + noise).convert(mode)
+
+
+def chat_prompt(tokenizer, turns: list[tuple[str, str]]) -> str:
+    messages = [{"role": r, "content": t} for r, t in turns]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def run_engine(llm, cases, max_new_tokens=MAX_NEW_TOKENS, **sampling):
+    """cases: list of (turns, images). One batched generate call for all of them."""
+    from vllm import SamplingParams
+
+    tokenizer = llm.get_tokenizer()
+    params = SamplingParams(temperature=0, max_tokens=max_new_tokens, prompt_logprobs=1,
+                            logprobs=1, **sampling)
+    requests = []
+    for turns, images in cases:
+        req = {"prompt": chat_prompt(tokenizer, turns)}
+        if images:
+            req["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
+        requests.append(req)
+    return llm.generate(requests, params, use_tqdm=False)
+
+
+def assert_parity(out, reference, turns, images, **mm_kwargs):
+    raw = reference.format_conversation(turns)
+    embeds, ref_ids = reference.merged_embeddings(raw, images, **mm_kwargs)
+    ids = list(out.prompt_token_ids)
+
+    # Same expanded prompt: placeholders exactly where the reference has visual positions.
+    assert len(ids) == len(ref_ids), (len(ids), len(ref_ids))
+    for i, (a, b) in enumerate(zip(ids, ref_ids)):
+        assert (a == 7) if b < 0 else (a == b), f"position {i}: engine {a}, reference {b}"
+
+    # Prompt log-probabilities of every prompt token.
+    logprobs = torch.log_softmax(reference.logits(embeds), dim=-1)
+    diffs = [abs(out.prompt_logprobs[i][ids[i]].logprob - logprobs[i - 1, ids[i]].item())
+             for i in range(1, len(ids))]
+    assert max(diffs) < PROMPT_LOGPROB_ATOL, f"max prompt logprob diff {max(diffs):.2e}"
+
+    # Greedy continuation.
+    got = list(out.outputs[0].token_ids)
+    want, step_logits = reference.greedy(embeds, len(got) if got else MAX_NEW_TOKENS)
+    for k, (a, b) in enumerate(zip(got, want)):
+        if a != b:
+            top2 = step_logits[k].topk(2).values
+            assert (top2[0] - step_logits[k][a]).item() < GREEDY_TIE_GAP, (
+                f"greedy token {k}: engine {a}, reference {b} (no near-tie)")
+            break
+    else:
+        assert got == want[: len(got)]
+    return max(diffs)
+
+
+def test_text_only(llm, reference):
+    turns = [("user", "Describe the image in detail. What is shown?")]
+    [out] = run_engine(llm, [(turns, [])])
+    assert_parity(out, reference, turns, [])
+
+
+def test_multi_turn_text(llm, reference):
+    turns = [("user", "  Hello there.  "), ("assistant", " The answer is yes. "),
+             ("user", "Which color is the car?")]
+    [out] = run_engine(llm, [(turns, [])])
+    assert_parity(out, reference, turns, [])
+
+
+# (width, height, grid the reference picks at side 76 with the default options)
+IMAGE_SHAPES = {
+    "1x1-pixel": (1, 1),
+    "square": (76, 76),
+    "tall-1:9": (40, 360),
+    "wide-9:1": (360, 40),
+    "very-large": (1600, 1200),
+    "grid-2x3": (3 * SIDE, 2 * SIDE),
+    "grid-3x3": (3 * SIDE, 3 * SIDE),
+    "odd": (97, 61),
+}
+
+
+def test_single_image_aspect_ratios(llm, reference):
+    cases = []
+    for i, (name, (w, h)) in enumerate(IMAGE_SHAPES.items()):
+        cases.append(([("user", f"<image>\nDescribe the image. ({name})")], [rand_image(w, h, i)]))
+    assert reference_grid(3 * SIDE, 2 * SIDE, SIDE) == (2, 3)
+    assert reference_grid(3 * SIDE, 3 * SIDE, SIDE) == (3, 3)
+    outs = run_engine(llm, cases)
+    for out, (turns, images) in zip(outs, cases):
+        assert_parity(out, reference, turns, images)
+
+
+def test_multiple_images_with_different_grids(llm, reference):
+    """vLLM's built-in Ovis fails on this prompt (REFERENCE.md difference 4)."""
+    images = [rand_image(3 * SIDE, 3 * SIDE, 10), rand_image(50, 50, 11), rand_image(3 * SIDE, 2 * SIDE, 12)]
+    cases = [
+        ([("user", "<image>\n<image>\nCompare the two images.")], images[:2]),
+        ([("user", "First <image> then <image> and <image>: list the differences.")], images),
+    ]
+    outs = run_engine(llm, cases)
+    for out, (turns, imgs) in zip(outs, cases):
+        assert_parity(out, reference, turns, imgs)
+
+
+def test_image_with_long_text(llm, reference):
+    text = " ".join(["The quick brown fox jumps over the lazy dog."] * 60)
+    turns = [("user", f"{text}\n<image>\nSummarize the text and the image.")]
+    [out] = run_engine(llm, [(turns, [rand_image(200, 120, 20)])])
+    assert_parity(out, reference, turns, [rand_image(200, 120, 20)])
+
+
+def test_placeholder_counts_for_every_grid(llm, reference):
+    """Each grid with rows*cols <= 9 gets 1x1 -> T+3, k>1 -> T*(k+1) + (k+2) positions."""
+    from vllm import SamplingParams
+
+    per_crop = 9  # tiny preset: 5x5 patches padded to 6x6, 2x2 merged
+    grids = [(r, c) for r in range(1, 10) for c in range(1, 10) if r * c <= 9]
+    tokenizer = llm.get_tokenizer()
+    prompt = chat_prompt(tokenizer, [("user", "<image>\nHi")])
+    text_len = len(tokenizer(prompt, add_special_tokens=False).input_ids) - 1
+    requests = [{"prompt": prompt, "multi_modal_data": {"image": rand_image(c * SIDE, r * SIDE, r * 10 + c)}}
+                for r, c in grids]
+    outs = llm.generate(requests, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+    for (r, c), out in zip(grids, outs):
+        assert reference_grid(c * SIDE, r * SIDE, SIDE) == (r, c)
+        k = r * c
+        expected = per_crop + 3 if k == 1 else per_crop * (k + 1) + (k + 2)
+        assert out.prompt_token_ids.count(7) == expected, (r, c)
+        assert len(out.prompt_token_ids) == text_len + expected
+
+
+def test_per_request_processor_options(llm, reference):
+    """max_partition / covering_threshold change the grid (and everything after) as in the reference."""
+    from vllm import SamplingParams
+
+    image = rand_image(3 * SIDE, 3 * SIDE, 30)
+    turns = [("user", "<image>\nDescribe.")]
+    prompt = chat_prompt(llm.get_tokenizer(), turns)
+    opts = {"max_partition": 4, "covering_threshold": 0.5}
+    [out] = llm.generate([{"prompt": prompt, "multi_modal_data": {"image": image},
+                           "mm_processor_kwargs": opts}],
+                         SamplingParams(temperature=0, max_tokens=MAX_NEW_TOKENS, prompt_logprobs=1),
+                         use_tqdm=False)
+    grid = reference_grid(3 * SIDE, 3 * SIDE, SIDE, 4, 0.5)
+    assert grid != (3, 3)
+    assert_parity(out, reference, turns, [image], max_partition=4, covering_threshold=0.5)
