@@ -26,6 +26,9 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 IMAGE_TOKEN_ID, IMAGE_ATOM_ID = -200, -300
 IMAGE_INDICATOR_IDS = [-301, -302, -303, -304, -305]
 
+# vLLM's built-in Ovis deviations (REFERENCE.md, differences 1-3), for emulating it on purpose.
+BUILTIN_QUIRKS = ("reversed_indicators", "post_layernorm", "unscaled_visual")
+
 
 def reference_grid(width: int, height: int, side: int, max_partition: int = 9,
                    covering_threshold: float = 0.9) -> tuple[int, int]:
@@ -156,10 +159,12 @@ class ReferenceOvis:
         return torch.cat(pixel_values), grid
 
     @torch.no_grad()
-    def visual_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def visual_tokens(self, pixel_values: torch.Tensor, quirks=()) -> torch.Tensor:
         """[crops, 3, side, side] -> [crops, T, V] probabilities (5 zero indicator columns)."""
         out = self.backbone(pixel_values.to(self.dtype), output_hidden_states=True)
         features = out.hidden_states[-1]  # before the post-LayerNorm
+        if "post_layernorm" in quirks:
+            features = self.backbone.post_layernorm(features)
         n, length, d = features.shape
         g = int(length**0.5)
         s = self.hidden_stride
@@ -195,9 +200,11 @@ class ReferenceOvis:
 
     @torch.no_grad()
     def merged_embeddings(self, raw_ids: list[int], images: list[Image.Image], max_partition=9,
-                          covering_threshold=0.9):
+                          covering_threshold=0.9, quirks=()):
         """Splice each image's placeholders, then embed: returns (unscaled embeddings [L, D], ids
-        with the placeholder ids in place)."""
+        with the placeholder ids in place). `quirks` (a subset of BUILTIN_QUIRKS) reproduces
+        vLLM's built-in Ovis instead of the reference."""
+        assert set(quirks) <= set(BUILTIN_QUIRKS), quirks
         ids, crops, grids = [], [], []
         image_iter = iter(images)
         for t in raw_ids:
@@ -212,10 +219,12 @@ class ReferenceOvis:
         placeholder = ids_t < 0
         embeds = self.llm.get_input_embeddings().weight[ids_t.masked_fill(placeholder, 0)].clone()
         indicator_rows = self.vte.weight[self.visual_vocab - 5:]
+        if "reversed_indicators" in quirks:
+            indicator_rows = indicator_rows.flip(0)
         for i, ind in enumerate(IMAGE_INDICATOR_IDS):
             embeds[ids_t == ind] = indicator_rows[i]
         if crops:
-            tokens = self.visual_tokens(torch.cat(crops))
+            tokens = self.visual_tokens(torch.cat(crops), quirks)
             visual = torch.matmul(tokens, self.vte.weight)  # [crops, T, D]
             parts, prev = [], -1
             atoms = torch.where(ids_t == IMAGE_ATOM_ID)[0].tolist()
@@ -229,6 +238,9 @@ class ReferenceOvis:
             for t in ids:
                 expanded.extend([IMAGE_ATOM_ID] * visual.shape[1] if t == IMAGE_ATOM_ID else [t])
             ids = expanded
+        if "unscaled_visual" in quirks:  # cancel the sqrt(hidden) that logits() applies
+            visual = torch.tensor([t < 0 for t in ids])
+            embeds[visual] /= torch.tensor(self.config["hidden_size"] ** 0.5, dtype=embeds.dtype)
         embeds = embeds[: self.multimodal_max_length]
         return embeds, ids[: self.multimodal_max_length]
 

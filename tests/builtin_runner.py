@@ -1,0 +1,53 @@
+"""Run vLLM's built-in Ovis (our plugin disabled) on a JSON spec; write prompt logprobs as JSON.
+
+    VLLM_PLUGINS=none python -m tests.builtin_runner SPEC.json OUT.json
+
+SPEC: {"model": path, "cases": [{"prompt": str, "images": [png paths]}]}. A case that the
+built-in rejects gets {"error": message} instead of results. Runs in its own process because
+plugins are loaded once per process and our plugin would otherwise replace the built-in.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def main(spec_path: str, out_path: str) -> None:
+    from PIL import Image
+    from vllm import LLM, SamplingParams
+    from vllm import ModelRegistry
+
+    spec = json.load(open(spec_path))
+    llm = LLM(model=spec["model"], dtype="float32", enforce_eager=True, gpu_memory_utilization=0.5,
+              max_model_len=8192, limit_mm_per_prompt={"image": 4}, seed=0)
+    model_cls = ModelRegistry._try_load_model_cls("Ovis")
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)
+    results = []
+    for case in spec["cases"]:
+        images = [Image.open(p).convert("RGB") for p in case["images"]]
+        request = {"prompt": case["prompt"]}
+        if images:
+            request["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
+        try:
+            [out] = llm.generate([request], params, use_tqdm=False)
+        except Exception as exc:  # the built-in's failure is the result being recorded
+            results.append({"error": f"{type(exc).__name__}: {exc}"})
+            continue
+        ids = list(out.prompt_token_ids)
+        results.append({"prompt_token_ids": ids,
+                        "prompt_logprobs": [None] + [out.prompt_logprobs[i][ids[i]].logprob
+                                                     for i in range(1, len(ids))]})
+    with open(out_path, "w") as f:
+        json.dump({"model_class": f"{model_cls.__module__}.{model_cls.__name__}", "results": results}, f)
+    # vLLM's CPU teardown sometimes aborts at interpreter exit ("terminate called without an
+    # active exception"): stop the engine processes explicitly, then leave without it.
+    llm.llm_engine.engine_core.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
