@@ -1,0 +1,26 @@
+"""Custom kernels for serving Ovis."""
+from kernels.visual_embed import (
+    chunk_rows,
+    combine_ln_stats,
+    combine_partials,
+    ln_partial_stats,
+    partial_product,
+    softmax_partial_stats,
+    visual_embedding,
+    visual_embedding_chunked,
+    visual_embedding_triton,
+    visual_embedding_unfused,
+)
+
+__all__ = [
+    "chunk_rows",
+    "combine_ln_stats",
+    "combine_partials",
+    "ln_partial_stats",
+    "partial_product",
+    "softmax_partial_stats",
+    "visual_embedding",
+    "visual_embedding_chunked",
+    "visual_embedding_triton",
+    "visual_embedding_unfused",
+]

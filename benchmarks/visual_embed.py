@@ -1,0 +1,278 @@
+"""Benchmark of the Ovis visual embedding softmax(LayerNorm(logits)) @ VTE at Ovis1.6 sizes.
+
+Methods, all in one run on the same inputs:
+  unfused  vLLM 0.32's built-in way (full LN, softmax and padded copies, then one matmul)
+  chunked  our exact CPU path (row chunks within OVIS_VISUAL_EMBED_CHUNK_MB)
+  triton   our fused kernels (CUDA only)
+  gemm     a plain [N, V] x [V, D] matmul in the same dtype: the floor nothing can beat
+For each: median wall time, TFLOP/s (nominal 2*N*V*D for every method, so the figures compare
+directly), fraction of the GEMM floor (t_gemm / t), peak extra memory during one call (including
+the [N, D] output; the inputs exist before), and the relative difference to the unfused result.
+
+Peak memory: CUDA: torch.cuda.max_memory_allocated() minus the allocation before the call.
+CPU: the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) minus the
+resident set before the call, with glibc told to mmap every block >= 64 KiB so that freed
+tensors really leave the resident set between measurements. Measured on a call after warmup.
+
+    python benchmarks/visual_embed.py                 # full: N in 196,1960,7840; bf16 + fp32
+    python benchmarks/visual_embed.py --quick         # N=196, bf16, 2 repeats
+    python benchmarks/visual_embed.py --sizes 196,1960 --dtypes bf16,fp32 --repeats 3
+Writes visual_embed.json and visual_embed.png to --out (default benchmarks/out/).
+"""
+import argparse
+import ctypes
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kernels import visual_embed as ve  # noqa: E402
+
+V, D, EPS = 65536, 3584, 1e-6
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# --------------------------------------------------------------------------------- memory probes
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _cpu_setup_allocator() -> None:
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: big blocks mmapped, returned on free
+    libc.mallopt(-1, 64 * 1024)  # M_TRIM_THRESHOLD
+
+
+def measure_peak_mb(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+        base = _status_mb("VmRSS")
+        out = fn()
+        peak = (_status_mb("VmHWM") - base) * 2**20
+    del out
+    return peak / 2**20
+
+
+def time_fn(fn, device: torch.device, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+# --------------------------------------------------------------------------------- the cases
+def make_inputs(n: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    vh = V - ve.NUM_INDICATORS
+    logits = (torch.randn(n, vh, generator=g, device=device) * 3).to(dtype)
+    w = (0.5 + 2 * torch.rand(vh, generator=g, device=device)).to(dtype)
+    b = (0.5 * torch.randn(vh, generator=g, device=device)).to(dtype)
+    vte = (0.02 * torch.randn(V, D, generator=g, device=device)).to(dtype)
+    return logits, w, b, vte
+
+
+def methods_for(device: torch.device, args, gemm_input):
+    logits, w, b, vte = args
+    m = {
+        "unfused": lambda: ve.visual_embedding_unfused(logits, w, b, vte, EPS),
+        "chunked": lambda: ve.visual_embedding_chunked(logits, w, b, vte, EPS),
+    }
+    if device.type == "cuda":
+        m["triton"] = lambda: ve.visual_embedding_triton(logits, w, b, vte, EPS)
+    m["gemm"] = lambda: torch.matmul(gemm_input, vte)
+    return m
+
+
+def run_case(n, dtype_name, device, repeats, warmup, progress):
+    dtype = DTYPES[dtype_name]
+    args = make_inputs(n, dtype, device)
+    gemm_input = torch.rand(n, V, dtype=dtype, device=device)
+    methods = methods_for(device, args, gemm_input)
+    flops = 2 * n * V * D
+    rows, outputs, times = [], {}, {name: [] for name in methods}
+    for name, fn in methods.items():
+        progress.set_postfix_str(f"N={n} {dtype_name} {name} warmup")
+        for _ in range(warmup):
+            fn()
+        if name != "gemm":
+            outputs[name] = fn().double()
+    # Round-robin repeats: a shared, noisy machine's drift hits every method alike.
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            progress.set_postfix_str(f"N={n} {dtype_name} {name}")
+            times[name] += time_fn(fn, device, 1)
+    for name, fn in methods.items():
+        peak = measure_peak_mb(fn, device)
+        med = statistics.median(times[name])
+        rows.append(dict(n=n, dtype=dtype_name, method=name, median_s=med, times_s=times[name],
+                         tflops=flops / med / 1e12, peak_extra_mb=peak))
+        progress.update(1)
+    ref = outputs["unfused"]
+    gemm_t = next(r["median_s"] for r in rows if r["method"] == "gemm")
+    base = next(r for r in rows if r["method"] == "unfused")
+    for r in rows:
+        r["frac_of_gemm"] = gemm_t / r["median_s"]
+        r["time_vs_unfused"] = r["median_s"] / base["median_s"]
+        r["mem_vs_unfused"] = r["peak_extra_mb"] / base["peak_extra_mb"]
+        if r["method"] in outputs:
+            r["rel_diff_vs_unfused"] = ((outputs[r["method"]] - ref).norm() / ref.norm()).item()
+    return rows
+
+
+def sweep_triton(sizes, device, repeats):
+    """CUDA only: time a few product-kernel configs per size (for retuning _product_config)."""
+    configs = [dict(BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=bd, num_warps=nw, num_stages=ns, SPLIT=sp)
+               for bm, bv, bd, nw, ns in [(128, 64, 256, 8, 3), (128, 64, 128, 8, 3),
+                                          (128, 32, 256, 8, 4), (64, 64, 256, 4, 3),
+                                          (128, 64, 128, 4, 4), (64, 64, 128, 4, 4)]
+               for sp in (1, 2, 4)]
+    out = []
+    for n in sizes:
+        args = make_inputs(n, torch.bfloat16, device)
+        for cfg in configs:
+            fn = lambda: ve.visual_embedding_triton(*args, EPS, config=cfg)
+            try:
+                fn()
+                med = statistics.median(time_fn(fn, device, repeats))
+            except Exception as e:  # e.g. out of shared memory
+                print(f"config {cfg} failed: {type(e).__name__}", file=sys.stderr)
+                continue
+            out.append(dict(n=n, config=cfg, median_s=med))
+        best = min((r for r in out if r["n"] == n), key=lambda r: r["median_s"])
+        print(f"N={n}: best {best['config']} {best['median_s'] * 1e3:.3f} ms")
+    return out
+
+
+# --------------------------------------------------------------------------------- reporting
+def machine_info(device: torch.device) -> dict:
+    info = dict(python=platform.python_version(), torch=torch.__version__,
+                threads=torch.get_num_threads(),
+                chunk_mb=os.environ.get("OVIS_VISUAL_EMBED_CHUNK_MB", ve.DEFAULT_CHUNK_MB))
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        info["cpu"] = next(l.split(":", 1)[1].strip() for l in lscpu.splitlines()
+                           if l.startswith("Model name"))
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def markdown_table(rows) -> str:
+    lines = ["| N | dtype | method | median | TFLOP/s | of GEMM floor | peak extra MiB "
+             "| time vs unfused | mem vs unfused | rel diff vs unfused |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        diff = r.get("rel_diff_vs_unfused")
+        lines.append(
+            f"| {r['n']} | {r['dtype']} | {r['method']} | {r['median_s'] * 1e3:.1f} ms "
+            f"| {r['tflops']:.3f} | {r['frac_of_gemm']:.2f} | {r['peak_extra_mb']:.0f} "
+            f"| {r['time_vs_unfused']:.2f}x | {r['mem_vs_unfused']:.3f} "
+            f"| {'' if diff is None else f'{diff:.1e}'} |")
+    return "\n".join(lines)
+
+
+def plot(rows, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = sorted({(r["n"], r["dtype"]) for r in rows}, key=lambda c: (c[1], c[0]))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    width = 0.8 / len(methods)
+    panels = [("time_vs_unfused", "median_s", 1e3, "ms", "time / unfused time"),
+              ("mem_vs_unfused", "peak_extra_mb", 1, "MiB", "peak extra memory / unfused (log)")]
+    for ax, (ratio, absolute, scale, unit, ylabel) in zip(axes, panels):
+        for i, m in enumerate(methods):
+            get = {(r["n"], r["dtype"]): r for r in rows if r["method"] == m}
+            xs = [j + i * width for j, c in enumerate(cases) if c in get]
+            got = [get[c] for c in cases if c in get]
+            bars = ax.bar(xs, [r[ratio] for r in got], width, label=m)
+            ax.bar_label(bars, [f"{r[absolute] * scale:.0f}" for r in got], fontsize=7)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
+        ax.set_xticklabels([f"N={n}\n{dt}" for n, dt in cases])
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"bar labels: absolute {unit}", fontsize=9)
+        ax.legend(fontsize=8)
+    axes[1].set_yscale("log")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="196,1960,7840", help="comma-separated N (visual tokens)")
+    p.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp16, fp32")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls (default 3 CPU, 20 CUDA)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--quick", action="store_true", help="N=196, bf16, 2 repeats")
+    p.add_argument("--sweep", action="store_true", help="CUDA: also time product-kernel configs")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
+    a = p.parse_args()
+
+    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available()
+                          else a.device if a.device != "auto" else "cpu")
+    sizes = [196] if a.quick else [int(s) for s in a.sizes.split(",")]
+    dtypes = ["bf16"] if a.quick else a.dtypes.split(",")
+    repeats = 2 if a.quick else a.repeats or (20 if device.type == "cuda" else 3)
+    if device.type == "cpu":
+        _cpu_setup_allocator()
+    os.makedirs(a.out, exist_ok=True)
+
+    from tqdm import tqdm
+    n_methods = 4 if device.type == "cuda" else 3
+    rows = []
+    with tqdm(total=len(sizes) * len(dtypes) * n_methods, desc="visual_embed") as progress:
+        for dtype_name in dtypes:
+            for n in sizes:
+                rows += run_case(n, dtype_name, device, repeats, a.warmup, progress)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    result = dict(command=" ".join([os.path.basename(sys.executable)] + sys.argv),
+                  device=device.type, machine=machine_info(device), V=V, D=D,
+                  repeats=repeats, warmup=a.warmup, results=rows)
+    if a.sweep and device.type == "cuda":
+        result["sweep"] = sweep_triton(sizes, device, repeats)
+    with open(os.path.join(a.out, "visual_embed.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    info = result["machine"]
+    plot(rows, os.path.join(a.out, "visual_embed.png"),
+         f"Ovis visual embedding, V={V}, D={D} on {info.get('gpu', info['cpu'])}")
+    print(markdown_table(rows))
+    print(f"wrote {a.out}/visual_embed.json and visual_embed.png")
+
+
+if __name__ == "__main__":
+    main()
