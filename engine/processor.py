@@ -20,7 +20,8 @@ from PIL import Image
 from transformers import BatchFeature
 
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
-from vllm.multimodal.parse import ImageSize, MultiModalDataItems
+from vllm.multimodal.media.base import MediaWithBytes
+from vllm.multimodal.parse import ImageProcessorItems, ImageSize, MultiModalDataItems, MultiModalDataParser
 from vllm.multimodal.processing import (
     BaseDummyInputsBuilder,
     BaseMultiModalProcessor,
@@ -36,6 +37,35 @@ from .preprocess import DEFAULT_MAX_PIXELS, preprocess_image
 DEFAULT_MAX_PARTITION = 9
 DEFAULT_COVERING_THRESHOLD = 0.9
 PROCESSOR_OPTIONS = ("max_partition", "covering_threshold", "max_pixels")
+
+
+def _decoded(image: object) -> object:
+    """Decode a lazily opened PIL image now, so corrupt or truncated data is a clear ValueError
+    before anything (hashing, caching, preprocessing) touches its pixels."""
+    pil = image.media if isinstance(image, MediaWithBytes) else image
+    if isinstance(pil, Image.Image):
+        try:
+            pil.load()
+        except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise ValueError(f"image could not be decoded: {exc}") from exc
+    return image
+
+
+class OvisDataParser(MultiModalDataParser):
+    """vLLM's parser turns every PIL image to RGB on the way in, compositing transparency onto
+    white and applying the EXIF orientation. The reference does neither (plain PIL
+    `convert("RGB")`, orientation ignored), so images pass through untouched here and
+    `preprocess_image` converts them exactly as the reference does."""
+
+    def _parse_image_data(self, data):
+        if data is None or self.is_embeddings(data):
+            return super()._parse_image_data(data)
+        if isinstance(data, (Image.Image, MediaWithBytes)) or (
+                isinstance(data, (np.ndarray, torch.Tensor)) and data.ndim == 3):
+            items = [data]
+        else:
+            items = list(data)
+        return ImageProcessorItems([_decoded(item) for item in items])
 
 
 class OvisProcessingInfo(BaseProcessingInfo):
@@ -58,6 +88,10 @@ class OvisProcessingInfo(BaseProcessingInfo):
 
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
         return {"image": None}
+
+    def get_data_parser(self) -> MultiModalDataParser:
+        return OvisDataParser(expected_hidden_size=self._get_expected_hidden_size(),
+                              allow_missing_mm_embeddings=self.allow_missing_mm_embeddings)
 
     def get_supported_mm_processor_kwargs(self) -> dict[str, set[str]]:
         return {}  # no Hugging Face processor: our options stay flat
@@ -101,7 +135,14 @@ class OvisDummyInputsBuilder(BaseDummyInputsBuilder[OvisProcessingInfo]):
             overrides=mm_options.get("image") if mm_options else None)}
 
 
+def _count_subsequence(seq: list[int], sub: list[int]) -> int:
+    n = len(sub)
+    return sum(1 for i in range(len(seq) - n + 1) if seq[i:i + n] == sub)
+
+
 def _as_pil(image: object) -> Image.Image:
+    if isinstance(image, MediaWithBytes):
+        image = image.media
     if isinstance(image, Image.Image):
         return image
     if isinstance(image, torch.Tensor):
@@ -112,12 +153,26 @@ def _as_pil(image: object) -> Image.Image:
 
 
 class OvisMultiModalProcessor(BaseMultiModalProcessor[OvisProcessingInfo]):
+    def apply(self, inputs, timing_ctx):
+        # vLLM checks that every image finds a marker, not that every marker gets an image; a
+        # marker left over would reach the model as plain text. The reference raises here too.
+        marker = cached_encode(self.info.get_tokenizer(), IMAGE_TOKEN, add_special_tokens=False)
+        images = inputs.mm_data_items.get_all_counts().get("image", 0)
+        markers = _count_subsequence(inputs.prompt, marker)
+        if markers != images:
+            raise ValueError(f"the prompt has {markers} {IMAGE_TOKEN} marker(s) but {images} "
+                             f"image(s) were given; each image needs exactly one marker")
+        return super().apply(inputs, timing_ctx)
+
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
         opts = self.info.processor_options(hf_kwargs)
         side = self.info.image_side
         pixels, grids = [], []
-        for image in hf_data.get("images", []):
-            px, grid = preprocess_image(_as_pil(image), side, **opts)
+        for index, image in enumerate(hf_data.get("images", [])):
+            try:
+                px, grid = preprocess_image(_as_pil(image), side, **opts)
+            except ValueError as exc:
+                raise ValueError(f"image {index}: {exc}") from exc
             pixels.append(px)
             grids.append(grid)
         return BatchFeature({

@@ -39,7 +39,8 @@ def make_llm(model, **kwargs):
     from vllm import LLM
 
     args = dict(model=str(model), dtype="float32", enforce_eager=True, gpu_memory_utilization=0.5,
-                max_model_len=8192, max_num_seqs=32, limit_mm_per_prompt={"image": 4}, seed=0)
+                max_model_len=8192, max_num_seqs=32, limit_mm_per_prompt={"image": 4}, seed=0,
+                enable_prefix_caching=True)
     args.update(kwargs)
     return LLM(**args)
 
