@@ -173,3 +173,25 @@ def test_per_request_processor_options(llm, reference):
     grid = reference_grid(3 * SIDE, 3 * SIDE, SIDE, 4, 0.5)
     assert grid != (3, 3)
     assert_parity(out, reference, turns, [image], max_partition=4, covering_threshold=0.5)
+
+
+@pytest.fixture(scope="module")
+def partition4_llm(tiny_checkpoint):
+    from tests.conftest import make_llm
+
+    engine = make_llm(tiny_checkpoint, max_num_seqs=4,
+                      mm_processor_kwargs={"max_partition": 4, "covering_threshold": 0.5})
+    yield engine
+    engine.llm_engine.engine_core.shutdown()
+
+
+def test_per_server_processor_options(partition4_llm, reference):
+    """--mm-processor-kwargs set for the whole server change grids as the reference would."""
+    cases = [([("user", "<image>\nDescribe.")], [rand_image(w, h, 50 + i)])
+             for i, (w, h) in enumerate([(3 * SIDE, 3 * SIDE), (900, 100), (3 * SIDE, 2 * SIDE)])]
+    outs = run_engine(partition4_llm, cases)
+    for out, (turns, images) in zip(outs, cases):
+        grid = reference_grid(*images[0].size, SIDE, 4, 0.5)
+        assert grid[0] * grid[1] <= 4
+        assert out.prompt_token_ids.count(7) == (9 + 3 if grid == (1, 1) else 9 * (grid[0] * grid[1] + 1) + grid[0] * grid[1] + 2)
+        assert_parity(out, reference, turns, images, max_partition=4, covering_threshold=0.5)

@@ -1,0 +1,17 @@
+# The two commands a new machine needs (see README.md).
+.PHONY: install serve test bench-kernel bench-preprocess
+
+install:
+	bash scripts/install.sh
+
+serve: install
+	.venv/bin/python server.py $(ARGS)
+
+test: install
+	.venv/bin/python -m pytest $(PYTEST_ARGS)
+
+bench-kernel: install
+	.venv/bin/python benchmarks/visual_embed.py $(ARGS)
+
+bench-preprocess: install
+	.venv/bin/python benchmarks/preprocess.py $(ARGS)
