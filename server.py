@@ -2,13 +2,20 @@
 
     python server.py [any vLLM server flag ...]
 
-Every flag goes to vLLM unchanged; ours only fill in what was not given:
+Every vLLM flag goes to vLLM unchanged; our defaults fill in only what was not given:
 - no `--model`: the embedded default checkpoint (an Ovis1.6-Gemma2-shaped `tiny` model with
   random weights, generated on first use and cached under ~/.cache/ovis-vllm);
 - `--limit-mm-per-prompt {"image": 8}`;
-- on a machine without CUDA: `--gpu-memory-utilization 0.5` and VLLM_CPU_KVCACHE_SPACE=4 (GiB).
-The chat template (the reference's Gemma format, no system role) and the stop tokens
-(`<eos>`, `<end_of_turn>`) come from the checkpoint.
+- on a machine without CUDA: `--gpu-memory-utilization 0.5` and VLLM_CPU_KVCACHE_SPACE=4 (GiB);
+- images from `image_url` parts are decoded as the reference sees them (engine/media.py), and
+  redirects are not followed when fetching image URLs.
+The stop tokens (`<eos>`, `<end_of_turn>`) and the chat template come from the checkpoint.
+
+Our own flags (taken out before vLLM sees the rest):
+  --image-urls {public,any,off}   which http(s) image URLs the server fetches (default public:
+                                  only hosts that resolve to public addresses)
+  --system-prompt {reject,merge}  a system message gets HTTP 400 (default, as the reference has
+                                  no system role) or is merged into the first user message
 """
 
 from __future__ import annotations
@@ -35,9 +42,38 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _take_option(argv: list[str], flag: str, choices: tuple[str, ...], default: str) -> str:
+    """Remove `flag VALUE` / `flag=VALUE` from argv and return VALUE."""
+    value = default
+    for i, arg in enumerate(argv):
+        if arg == flag or arg.startswith(flag + "="):
+            if "=" in arg:
+                value = arg.split("=", 1)[1]
+                del argv[i]
+            else:
+                if i + 1 >= len(argv):
+                    raise SystemExit(f"{flag} needs a value: one of {', '.join(choices)}")
+                value = argv[i + 1]
+                del argv[i:i + 2]
+            break
+    if value not in choices:
+        raise SystemExit(f"{flag} must be one of {', '.join(choices)}, not {value!r}")
+    return value
+
+
 def build_argv(argv: list[str]) -> list[str]:
     """vLLM's argv: the user's flags plus our defaults for those not given."""
+    from engine.chat_template import SYSTEM_MERGE_CHAT_TEMPLATE
+    from engine.media import URL_POLICIES
+
     argv = list(argv)
+    os.environ["OVIS_IMAGE_URLS"] = _take_option(argv, "--image-urls", URL_POLICIES,
+                                                 os.environ.get("OVIS_IMAGE_URLS", "public"))
+    system_prompt = _take_option(argv, "--system-prompt", ("reject", "merge"), "reject")
+    if system_prompt == "merge" and not _given(argv, "--chat-template"):
+        argv += ["--chat-template", SYSTEM_MERGE_CHAT_TEMPLATE]
+    os.environ.setdefault("VLLM_MEDIA_CONNECTOR", "ovis")
+    os.environ.setdefault("VLLM_MEDIA_URL_ALLOW_REDIRECTS", "0")  # a redirect could reach a private host
     if argv and not argv[0].startswith("-"):  # `server.py MODEL ...`, like `vllm serve MODEL`
         argv = ["--model", argv[0]] + argv[1:]
     if not _given(argv, "--model"):

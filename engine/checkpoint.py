@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .chat_template import CHAT_TEMPLATE
+
 IMAGE_TOKEN = "<image>"
 NUM_INDICATORS = 5
 
@@ -34,26 +36,6 @@ GEMMA_SPECIALS = (
 )
 PAD_ID, EOS_ID, BOS_ID, IMAGE_PAD_ID = 0, 1, 2, 7
 START_OF_TURN_ID, END_OF_TURN_ID = 106, 107
-
-# The reference prompt format (Ovis's GemmaConversationFormatter): no system role, every
-# message stripped, `<start_of_turn>model\n` opens the answer.
-CHAT_TEMPLATE = (
-    "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{{ raise_exception('Ovis1.6-Gemma2 has no system role: put the instructions in the "
-    "first user message') }}"
-    "{%- endif -%}"
-    "{{ bos_token }}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{{ '<start_of_turn>user\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "{{ '<start_of_turn>model\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
-    "{%- else -%}"
-    "{{ raise_exception('unsupported role: ' + message['role']) }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
-)
 
 # Text the BPE merges are learned from: enough for short English prompts to take few tokens.
 _CORPUS = """\

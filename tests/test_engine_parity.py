@@ -195,3 +195,14 @@ def test_per_server_processor_options(partition4_llm, reference):
         assert grid[0] * grid[1] <= 4
         assert out.prompt_token_ids.count(7) == (9 + 3 if grid == (1, 1) else 9 * (grid[0] * grid[1] + 1) + grid[0] * grid[1] + 2)
         assert_parity(out, reference, turns, images, max_partition=4, covering_threshold=0.5)
+
+
+@pytest.mark.parametrize("stop_id", [1, 107])  # <eos>, <end_of_turn>
+def test_generation_stops_at_gemma_stop_tokens(llm, stop_id):
+    from vllm import SamplingParams
+
+    prompt = chat_prompt(llm.get_tokenizer(), [("user", "Say something.")])
+    params = SamplingParams(temperature=0, max_tokens=5, logit_bias={stop_id: 100.0})
+    [out] = llm.generate([prompt], params, use_tqdm=False)
+    assert list(out.outputs[0].token_ids) == [stop_id]
+    assert out.outputs[0].finish_reason == "stop"

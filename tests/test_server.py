@@ -1,0 +1,290 @@
+"""server.py from the outside: the official `openai` client against a live server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from tests.test_engine_parity import SIDE, rand_image
+
+API_KEY = "test-key"
+MODEL = "ovis-test"
+IMAGE_LIMIT = 3
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def user(text: str, *urls: str) -> list[dict]:
+    return [{"role": "user", "content": [*map(image_part, urls), {"type": "text", "text": text}]}]
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels, with no pixel data behind it."""
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def media_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("media")
+    png = png_bytes(rand_image(2 * SIDE, SIDE, 7))
+    (path / "allowed.png").write_bytes(png)
+    (path.parent / "outside.png").write_bytes(png)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, media_dir, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    cmd = [sys.executable, str(ROOT / "server.py"), "--model", str(tiny_checkpoint),
+           "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port),
+           "--api-key", API_KEY, "--dtype", "float32", "--max-num-seqs", "32",
+           "--limit-mm-per-prompt", json.dumps({"image": IMAGE_LIMIT}),
+           "--allowed-local-media-path", str(media_dir), "--enforce-eager", "--seed", "0"]
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OVIS_IMAGE_URLS="public")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail("server did not start:\n" + log.read_text()[-3000:])
+    yield base
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def chat(client, messages, **kw):
+    kw.setdefault("max_tokens", 8)
+    kw.setdefault("temperature", 0)
+    return client.chat.completions.create(model=MODEL, messages=messages, **kw)
+
+
+IMAGES = [png_bytes(rand_image(3 * SIDE, 3 * SIDE, 1)), png_bytes(rand_image(SIDE, SIDE, 2)),
+          png_bytes(rand_image(300, 60, 3))]
+
+
+@pytest.mark.parametrize("n_images", [1, 2, 3])
+def test_images_equal_offline_engine(client, llm, n_images):
+    messages = user("Describe the images.", *[data_url(b) for b in IMAGES[:n_images]])
+    reply = chat(client, messages, logprobs=True, top_logprobs=2)
+    from vllm import SamplingParams
+
+    [offline] = llm.chat(messages, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    assert reply.choices[0].message.content == offline.outputs[0].text
+    assert len(reply.choices[0].logprobs.content) == len(offline.outputs[0].token_ids)
+    assert all(len(t.top_logprobs) == 2 for t in reply.choices[0].logprobs.content)
+
+
+def test_multi_turn_and_streaming(client):
+    messages = user("What is in the image?", data_url(IMAGES[1])) + [
+        {"role": "assistant", "content": "A picture."},
+        {"role": "user", "content": "Describe it in more detail."}]
+    whole = chat(client, messages, max_tokens=12).choices[0].message.content
+    stream = chat(client, messages, max_tokens=12, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == whole
+
+
+def test_n_greater_than_one(client):
+    # vLLM refuses n > 1 with greedy sampling; sampled with a seed, the n answers are reproducible.
+    messages = user("Describe.", data_url(IMAGES[0]))
+    first = chat(client, messages, n=3, temperature=1.0, seed=123, max_tokens=16)
+    again = chat(client, messages, n=3, temperature=1.0, seed=123, max_tokens=16)
+    assert len(first.choices) == 3 and sorted(c.index for c in first.choices) == [0, 1, 2]
+    assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
+    assert 3 <= first.usage.completion_tokens <= 3 * 16
+
+
+def test_models_health_metrics(client, server):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(server + "/health").status_code == 200
+    metrics = httpx.get(server + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert metrics.status_code == 200 and "vllm:" in metrics.text
+
+
+def test_local_files_only_from_the_allowed_directory(client, media_dir):
+    ok = chat(client, user("Describe.", (media_dir / "allowed.png").as_uri()))
+    same = chat(client, user("Describe.", data_url((media_dir / "allowed.png").read_bytes())))
+    assert ok.choices[0].message.content == same.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="allowed-local-media-path"):
+        chat(client, user("Describe.", (media_dir.parent / "outside.png").as_uri()))
+
+
+def test_api_key_required(server):
+    anonymous = openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        chat(anonymous, user("Hi"))
+    assert httpx.post(server + "/v1/chat/completions", json={}).status_code == 401
+
+
+def test_system_message_rejected(client):
+    with pytest.raises(openai.BadRequestError, match="no system role"):
+        chat(client, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+
+
+BAD_REQUESTS = {
+    "invalid base64": (user("Describe.", "data:image/png;base64,@@not-base64@@"), "base64"),
+    "not an image": (user("Describe.", data_url(b"hello, I am text")), "decode"),
+    "truncated png": (user("Describe.", data_url(IMAGES[0][:300])), "decode"),
+    "zero-pixel image": (user("Describe.", data_url(png_header_only(0, 0))), "decode"),
+    "decompression bomb": (user("Describe.", data_url(png_header_only(50000, 50000))), "decompression bomb"),
+    "loopback url": (user("Describe.", "http://127.0.0.1:9/x.png"), "non-public address"),
+    "link-local url": (user("Describe.", "http://169.254.169.254/latest/meta-data"), "non-public address"),
+    "unresolvable url": (user("Describe.", "http://no-such-host.invalid/x.png"), "cannot resolve"),
+    "too many images": (user("Describe.", *[data_url(IMAGES[1])] * (IMAGE_LIMIT + 1)), f"At most {IMAGE_LIMIT} image"),
+    "prompt over the context": ([{"role": "user", "content": "word " * 9000}], "maximum context length"),
+}
+
+
+def post(server, body: bytes | dict, model=MODEL):
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    if isinstance(body, dict):
+        body = json.dumps({"model": model, "max_tokens": 4, **body}).encode()
+    return httpx.post(server + "/v1/chat/completions", content=body, headers=headers, timeout=120)
+
+
+@pytest.mark.parametrize("name", BAD_REQUESTS)
+def test_bad_input_is_a_clear_4xx(server, client, name):
+    messages, needle = BAD_REQUESTS[name]
+    response = post(server, {"messages": messages})
+    assert 400 <= response.status_code < 500, (response.status_code, response.text)
+    assert needle.lower() in response.text.lower(), response.text
+    assert chat(client, user("Describe.", data_url(IMAGES[1]))).choices[0].message.content is not None
+
+
+def test_unknown_model_and_malformed_json(server):
+    unknown = post(server, {"messages": user("Hi")}, model="no-such-model")
+    assert unknown.status_code == 404 and "no-such-model" in unknown.text
+    malformed = post(server, b'{"model": "ovis-test", "messages": [')
+    assert 400 <= malformed.status_code < 500, malformed.text
+
+
+def test_concurrent_requests_equal_sequential(server, client):
+    cases = [user(f"Request {i}: describe.", data_url(IMAGES[i % 3])) for i in range(32)]
+    sequential = [chat(client, m).choices[0].message.content for m in cases]
+    aclient = openai.AsyncOpenAI(base_url=server + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
+
+    async def run():
+        return await asyncio.gather(*[aclient.chat.completions.create(
+            model=MODEL, messages=m, max_tokens=8, temperature=0) for m in cases])
+
+    concurrent = [r.choices[0].message.content for r in asyncio.run(run())]
+    assert concurrent == sequential
+
+
+def test_fault_run(server, client):
+    """A bounded burst of good and bad requests: every good one answered correctly, every bad one
+    a 4xx, the server up at the end."""
+    good = [user(f"Question {i}?", data_url(IMAGES[i % 3])) for i in range(6)]
+    want = [chat(client, m).choices[0].message.content for m in good]
+    # URL cases stay out: they are covered one by one above, and name lookups add wall time.
+    bad = [m for name, (m, _) in BAD_REQUESTS.items() if "url" not in name]
+    jobs = [("good", i % len(good)) if i % 2 == 0 else ("bad", i % len(bad)) for i in range(240)]
+    counts = {"good_ok": 0, "good_wrong": 0, "bad_4xx": 0, "other": 0}
+
+    async def one(kind, idx, http):
+        messages = good[idx] if kind == "good" else bad[idx]
+        r = await http.post("/v1/chat/completions", json={
+            "model": MODEL, "messages": messages, "max_tokens": 8, "temperature": 0})
+        if kind == "good" and r.status_code == 200:
+            ok = r.json()["choices"][0]["message"]["content"] == want[idx]
+            counts["good_ok" if ok else "good_wrong"] += 1
+        elif kind == "bad" and 400 <= r.status_code < 500:
+            counts["bad_4xx"] += 1
+        else:
+            counts["other"] += 1
+
+    async def run():
+        limits = httpx.Limits(max_connections=32)
+        async with httpx.AsyncClient(base_url=server, timeout=300, limits=limits,
+                                     headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+            await asyncio.gather(*[one(k, i, http) for k, i in jobs])
+
+    asyncio.run(run())
+    print("fault run:", counts)
+    assert counts == {"good_ok": 120, "good_wrong": 0, "bad_4xx": 120, "other": 0}
+    assert httpx.get(server + "/health").status_code == 200
+
+
+def test_url_policy_off_and_any(monkeypatch, tmp_path):
+    """The connector refuses all URL fetching when off; with `any`, a refused connection is a
+    clear ValueError (the API's 400), not a crash."""
+    from engine.media import OvisMediaConnector
+
+    connector = OvisMediaConnector()
+    monkeypatch.setenv("OVIS_IMAGE_URLS", "off")
+    with pytest.raises(ValueError, match="disabled"):
+        connector.fetch_image("https://example.com/cat.png")
+    assert connector.fetch_image(data_url(IMAGES[1])).size == (SIDE, SIDE)  # data URLs still work
+    monkeypatch.setenv("OVIS_IMAGE_URLS", "any")
+    with pytest.raises(Exception) as info:
+        connector.fetch_image(f"http://127.0.0.1:{free_port()}/x.png")
+    assert "refused" in str(info.value).lower() or "connect" in str(info.value).lower()
+
+
+def test_images_are_decoded_as_the_reference_sees_them():
+    """No EXIF transpose, no alpha compositing: the processor gets the file's own pixels."""
+    from engine.media import ReferenceImageMediaIO
+
+    rgba = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 4), dtype=np.uint8), "RGBA")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 on display
+    buf = io.BytesIO()
+    rgba.save(buf, format="PNG", exif=exif)
+    image = ReferenceImageMediaIO(image_mode=None).load_bytes(buf.getvalue()).media
+    assert image.mode == "RGBA" and image.size == (30, 20)
+    assert np.array_equal(np.asarray(image), np.asarray(rgba))
