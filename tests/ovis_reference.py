@@ -30,40 +30,86 @@ IMAGE_INDICATOR_IDS = [-301, -302, -303, -304, -305]
 BUILTIN_QUIRKS = ("reversed_indicators", "post_layernorm", "unscaled_visual")
 
 
-def reference_grid(width: int, height: int, side: int, max_partition: int = 9,
-                   covering_threshold: float = 0.9) -> tuple[int, int]:
-    def partition(grid):
-        row_h, col_w = height // grid[0], width // grid[1]
-        boxes = []
-        for r in range(grid[0]):
-            for c in range(grid[1]):
-                boxes.append((c * col_w, r * row_h,
-                              width if c == grid[1] - 1 else (c + 1) * col_w,
-                              height if r == grid[0] - 1 else (r + 1) * row_h))
-        return boxes
+def reference_partition(width, height, grid):
+    row_height = height // grid[0]
+    col_width = width // grid[1]
+    partition = []
+    for row in range(grid[0]):
+        for col in range(grid[1]):
+            left = col * col_width
+            upper = row * row_height
+            right = width if col == grid[1] - 1 else (col + 1) * col_width
+            lower = height if row == grid[0] - 1 else (row + 1) * row_height
+            partition.append((left, upper, right, lower))
+    return partition
 
-    def covering(box):
-        w, h = box[2] - box[0], box[3] - box[1]
+
+def reference_sorted_grids(width, height, side, max_partition, covering_threshold):
+    """The reference's sorted list of (grid, ratio); its first element is the chosen grid."""
+
+    def covering_area(left, upper, right, lower):
+        w = right - left
+        h = lower - upper
         w, h = max(w, h), min(w, h)
         if w > side:
             h = h / w * side
             w = side
         return w * h
 
-    candidates = [(i, j) for i in range(1, max_partition + 1) for j in range(1, max_partition + 1)
-                  if i * j <= max_partition]
-    scored = [(g, sum(covering(b) for b in partition(g)) / (width * height)) for g in candidates]
-    good = [s for s in scored if s[1] > covering_threshold]
-    if good:
-        return sorted(good, key=lambda x: (x[0][0] * x[0][1], -x[1]))[0][0]
-    return sorted(scored, key=lambda x: (-x[1], x[0][0] * x[0][1]))[0][0]
+    candidate_grids = []
+    for i in range(1, max_partition + 1):
+        for j in range(1, max_partition + 1):
+            if i * j <= max_partition:
+                candidate_grids.append((i, j))
+    all_grids, good_grids = [], []
+    for grid in candidate_grids:
+        partition = reference_partition(width, height, grid)
+        ratio = sum([covering_area(*p) for p in partition]) / (width * height)
+        assert ratio <= 1.0
+        all_grids.append((grid, ratio))
+        if ratio > covering_threshold:
+            good_grids.append((grid, ratio))
+    if good_grids:
+        return sorted(good_grids, key=lambda x: (x[0][0] * x[0][1], -x[1]))
+    return sorted(all_grids, key=lambda x: (-x[1], x[0][0] * x[0][1]))
 
 
-def reference_partition(width: int, height: int, grid: tuple[int, int]):
-    row_h, col_w = height // grid[0], width // grid[1]
-    return [(c * col_w, r * row_h, width if c == grid[1] - 1 else (c + 1) * col_w,
-             height if r == grid[0] - 1 else (r + 1) * row_h)
-            for r in range(grid[0]) for c in range(grid[1])]
+def reference_grid(width, height, side, max_partition=9, covering_threshold=0.9):
+    return reference_sorted_grids(width, height, side, max_partition, covering_threshold)[0][0]
+
+
+def reference_pixels(image: Image.Image, side: int, processor, max_partition=9,
+                     covering_threshold=0.9) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The reference's crops, each through `processor` (transformers' PIL SigLIP processor)
+    resized to long side `side`, then zero-padded, centred, to side x side."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    grid = reference_grid(*image.size, side, max_partition, covering_threshold)
+    crops = [image.crop(b) for b in reference_partition(*image.size, grid)]
+    if len(crops) > 1:
+        crops.insert(0, image)
+    pixel_values = []
+    for crop in crops:
+        w, h = crop.size
+        if w == h:
+            nw = nh = side
+        elif w > h:
+            nw, nh = side, int(h / w * side)
+        else:
+            nw, nh = int(w / h * side), side
+        pv = processor.preprocess(crop, size={"height": nh, "width": nw},
+                                  return_tensors="pt")["pixel_values"]
+        square = torch.zeros(1, 3, side, side, dtype=pv.dtype)
+        if nh == nw:
+            square[:] = pv
+        elif nh > nw:
+            off = (side - nw) // 2
+            square[:, :, :, off:off + nw] = pv
+        else:
+            off = (side - nh) // 2
+            square[:, :, off:off + nh, :] = pv
+        pixel_values.append(square)
+    return torch.cat(pixel_values), grid
 
 
 def reference_placeholders(grid: tuple[int, int]) -> list[int]:
@@ -128,35 +174,7 @@ class ReferenceOvis:
 
     # ---- images ----------------------------------------------------------------------------
     def preprocess_image(self, image: Image.Image, max_partition=9, covering_threshold=0.9):
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        side = self.side
-        grid = reference_grid(*image.size, side, max_partition, covering_threshold)
-        crops = [image.crop(b) for b in reference_partition(*image.size, grid)]
-        if len(crops) > 1:
-            crops.insert(0, image)
-        pixel_values = []
-        for crop in crops:
-            w, h = crop.size
-            if w == h:
-                nw = nh = side
-            elif w > h:
-                nw, nh = side, int(h / w * side)
-            else:
-                nw, nh = int(w / h * side), side
-            pv = self.image_processor.preprocess(crop, size={"height": nh, "width": nw},
-                                                 return_tensors="pt")["pixel_values"]
-            square = torch.zeros(1, 3, side, side, dtype=pv.dtype)
-            if nh == nw:
-                square[:] = pv
-            elif nh > nw:
-                off = (side - nw) // 2
-                square[:, :, :, off:off + nw] = pv
-            else:
-                off = (side - nh) // 2
-                square[:, :, off:off + nh, :] = pv
-            pixel_values.append(square)
-        return torch.cat(pixel_values), grid
+        return reference_pixels(image, self.side, self.image_processor, max_partition, covering_threshold)
 
     @torch.no_grad()
     def visual_tokens(self, pixel_values: torch.Tensor, quirks=()) -> torch.Tensor:

@@ -17,58 +17,16 @@ from PIL import Image, ImageOps
 from transformers.models.siglip import SiglipImageProcessorPil
 
 from engine.preprocess import DEFAULT_MAX_PIXELS, choose_grid, crop_boxes, preprocess_image
+from tests.ovis_reference import (
+    reference_grid,
+    reference_partition,
+    reference_pixels,
+    reference_sorted_grids,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Independent reference
 # ----------------------------------------------------------------------------------------------
-
-
-def reference_partition(width, height, grid):
-    row_height = height // grid[0]
-    col_width = width // grid[1]
-    partition = []
-    for row in range(grid[0]):
-        for col in range(grid[1]):
-            left = col * col_width
-            upper = row * row_height
-            right = width if col == grid[1] - 1 else (col + 1) * col_width
-            lower = height if row == grid[0] - 1 else (row + 1) * row_height
-            partition.append((left, upper, right, lower))
-    return partition
-
-
-def reference_sorted_grids(width, height, side, max_partition, covering_threshold):
-    """The reference's sorted list of (grid, ratio); its first element is the chosen grid."""
-
-    def covering_area(left, upper, right, lower):
-        w = right - left
-        h = lower - upper
-        w, h = max(w, h), min(w, h)
-        if w > side:
-            h = h / w * side
-            w = side
-        return w * h
-
-    candidate_grids = []
-    for i in range(1, max_partition + 1):
-        for j in range(1, max_partition + 1):
-            if i * j <= max_partition:
-                candidate_grids.append((i, j))
-    all_grids, good_grids = [], []
-    for grid in candidate_grids:
-        partition = reference_partition(width, height, grid)
-        ratio = sum([covering_area(*p) for p in partition]) / (width * height)
-        assert ratio <= 1.0
-        all_grids.append((grid, ratio))
-        if ratio > covering_threshold:
-            good_grids.append((grid, ratio))
-    if good_grids:
-        return sorted(good_grids, key=lambda x: (x[0][0] * x[0][1], -x[1]))
-    return sorted(all_grids, key=lambda x: (-x[1], x[0][0] * x[0][1]))
-
-
-def reference_grid(width, height, side, max_partition=9, covering_threshold=0.9):
-    return reference_sorted_grids(width, height, side, max_partition, covering_threshold)[0][0]
 
 
 _SIGLIP = {}
@@ -93,48 +51,10 @@ def siglip(mean, std, rescale_factor):
     return _SIGLIP[key]
 
 
-def reference_preprocess(
-    image,
-    side,
-    max_partition=9,
-    covering_threshold=0.9,
-    mean=(0.5, 0.5, 0.5),
-    std=(0.5, 0.5, 0.5),
-    rescale_factor=1 / 255,
-):
-    processor = siglip(mean, std, rescale_factor)
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    width, height = image.size
-    grid = reference_grid(width, height, side, max_partition, covering_threshold)
-    crops = [image.crop(p) for p in reference_partition(width, height, grid)]
-    if len(crops) > 1:
-        crops.insert(0, image)
-    squares = []
-    for crop in crops:
-        w, h = crop.size
-        if w == h:
-            new_width = new_height = side
-        elif w > h:
-            new_width = side
-            new_height = int(h / w * new_width)
-        else:
-            new_height = side
-            new_width = int(w / h * new_height)
-        pixel_values = processor.preprocess(
-            crop, size={"height": new_height, "width": new_width}, return_tensors="pt"
-        )["pixel_values"]
-        square = torch.zeros([1, 3, side, side], dtype=pixel_values.dtype)
-        if new_height == new_width:
-            square[:, :, :, :] = pixel_values
-        elif new_height > new_width:
-            start = (side - new_width) // 2
-            square[:, :, :, start : start + new_width] = pixel_values
-        else:
-            start = (side - new_height) // 2
-            square[:, :, start : start + new_height, :] = pixel_values
-        squares.append(square)
-    return torch.cat(squares, dim=0), grid
+def reference_preprocess(image, side, max_partition=9, covering_threshold=0.9,
+                         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), rescale_factor=1 / 255):
+    return reference_pixels(image, side, siglip(mean, std, rescale_factor), max_partition,
+                            covering_threshold)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -88,6 +88,18 @@ def check_accuracy(out, args, seed, eps=EPS):
         assert err <= bound, f"rel err {err:.3g} > {bound:.3g} (torch {torch_err:.3g}, seed {seed})"
 
 
+def combine_vocabulary_slices(x, w, b, vte, slices):
+    """What tensor-parallel ranks holding these vocabulary slices would compute and combine:
+    returns (the combined [N, D] fp32 embedding, the combined LayerNorm statistics)."""
+    norm = ve.combine_ln_stats([(s.stop - s.start, ve.ln_partial_stats(x[:, s])) for s in slices],
+                               EPS)
+    parts = []
+    for s in slices:
+        sm = ve.softmax_partial_stats(x[:, s], w[s], b[s], norm)
+        parts.append((sm, ve.partial_product(x[:, s], w[s], b[s], vte[s], norm, sm)))
+    return ve.combine_partials(parts, torch.float32), norm
+
+
 def run_kernel(args, seed, **kwargs):
     """Triton path into NaN-poisoned outputs: in the inputs' dtype and in fp32. Checks the first
     is the second rounded (round to nearest: within one unit roundoff per element, hence
@@ -307,13 +319,7 @@ def test_interp_tensor_parallel_pieces(cuts, dtype):
     """Vocabulary slices (as TP ranks would hold) combined exactly equal the whole."""
     (x, w, b, vte), seed = make_inputs(37, 301, 45, dtype)
     slices = [slice(lo, hi) for lo, hi in zip(cuts, cuts[1:])]
-    norm = ve.combine_ln_stats([(s.stop - s.start, ve.ln_partial_stats(x[:, s])) for s in slices],
-                               EPS)
-    parts = []
-    for s in slices:
-        sm = ve.softmax_partial_stats(x[:, s], w[s], b[s], norm)
-        parts.append((sm, ve.partial_product(x[:, s], w[s], b[s], vte[s], norm, sm)))
-    combined = ve.combine_partials(parts, torch.float32)
+    combined, norm = combine_vocabulary_slices(x, w, b, vte, slices)
     whole = ve.visual_embedding_triton(x, w, b, vte, EPS, out=torch.empty(37, 45))
     # fp32: equal to rounding (1e-6). fp16: each slice rounds its unnormalized probabilities
     # relative to its own max, the whole run relative to the global one: equal up to fp16 unit
@@ -358,14 +364,8 @@ def test_cuda_ragged(shape, dtype):
 @cuda
 def test_cuda_tensor_parallel_pieces():
     (x, w, b, vte), seed = make_inputs(300, 4099, 200, torch.bfloat16, device="cuda")
-    slices = [slice(0, 1500), slice(1500, 4099)]
-    norm = ve.combine_ln_stats([(s.stop - s.start, ve.ln_partial_stats(x[:, s])) for s in slices],
-                               EPS)
-    parts = []
-    for s in slices:
-        sm = ve.softmax_partial_stats(x[:, s], w[s], b[s], norm)
-        parts.append((sm, ve.partial_product(x[:, s], w[s], b[s], vte[s], norm, sm)))
-    check_accuracy(ve.combine_partials(parts, torch.float32), (x, w, b, vte), seed)
+    combined, _ = combine_vocabulary_slices(x, w, b, vte, [slice(0, 1500), slice(1500, 4099)])
+    check_accuracy(combined, (x, w, b, vte), seed)
 
 
 @cuda
