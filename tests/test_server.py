@@ -275,6 +275,25 @@ def test_url_policy_off_and_any(monkeypatch, tmp_path):
         connector.fetch_image(f"http://127.0.0.1:{free_port()}/x.png")
     assert "refused" in str(info.value).lower() or "connect" in str(info.value).lower()
 
+    # With `any`, a loopback http server is fetched and decoded like the data URL.
+    import functools
+    import http.server
+    import threading
+
+    (tmp_path / "cat.png").write_bytes(IMAGES[2])
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/cat.png"
+        fetched = connector.fetch_image(url)
+        assert np.array_equal(np.asarray(fetched), np.asarray(connector.fetch_image(data_url(IMAGES[2]))))
+        monkeypatch.setenv("OVIS_IMAGE_URLS", "public")
+        with pytest.raises(ValueError, match="non-public address"):
+            connector.fetch_image(url)
+    finally:
+        httpd.shutdown()
+
 
 def test_images_are_decoded_as_the_reference_sees_them():
     """No EXIF transpose, no alpha compositing: the processor gets the file's own pixels."""
