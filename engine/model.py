@@ -13,44 +13,122 @@ Gemma2's sqrt(hidden_size) embedding scale like the text rows.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from vllm.config import VllmConfig
-from vllm.model_executor.layers.linear import ReplicatedLinear
+from vllm.distributed import (
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+    tensor_model_parallel_all_gather,
+    tensor_model_parallel_all_reduce,
+)
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal, SupportsPP
 from vllm.model_executor.models.siglip import SiglipVisionModel
 from vllm.model_executor.models.utils import AutoWeightsLoader, init_vllm_registered_model, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
-from kernels import visual_embedding
+from kernels import (
+    combine_ln_stats,
+    ln_partial_stats,
+    partial_product,
+    softmax_partial_stats,
+    visual_embedding,
+)
 
 from .placeholders import IMAGE_ATOM, IMAGE_TOKEN, NUM_INDICATORS, image_layout, indicator_vte_row
 from .processor import OvisDummyInputsBuilder, OvisMultiModalProcessor, OvisProcessingInfo
 
 
+@dataclass(frozen=True)
+class VocabShard:
+    """One tensor-parallel rank's slice of the Vh = V-5 softmax columns of the visual vocabulary.
+
+    Slices are ceil(Vh / ranks) wide. The last one may hold fewer real columns (`valid`); its
+    padding rows stay zero and are sliced away before any use, so they never get probability."""
+    start: int
+    size: int
+    valid: int
+
+    @classmethod
+    def of(cls, vocab: int, rank: int, ranks: int) -> "VocabShard":
+        size = -(-vocab // ranks)
+        start = rank * size
+        return cls(start, size, max(0, min(size, vocab - start)))
+
+    def load(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        """weight_loader: this slice of the checkpoint's full (unsharded) tensor."""
+        param.data.zero_()
+        param.data[: self.valid].copy_(loaded[self.start:self.start + self.valid])
+
+
+def _sharded_param(shard: VocabShard, *shape: int) -> nn.Parameter:
+    param = nn.Parameter(torch.empty(shard.size, *shape), requires_grad=False)
+    param.weight_loader = shard.load
+    return param
+
+
+class ShardedHeadLinear(nn.Module):
+    """`head.0`: Linear(features -> Vh, no bias), rows split along the visual vocabulary."""
+
+    def __init__(self, in_features: int, shard: VocabShard):
+        super().__init__()
+        self.shard = shard
+        self.weight = _sharded_param(shard, in_features)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.linear(features, self.weight[: self.shard.valid])
+
+
+class ShardedLayerNorm(nn.Module):
+    """`head.1`: the LayerNorm's weight and bias over this rank's columns. It is applied inside
+    the visual-embedding kernel, with statistics over the whole row."""
+
+    def __init__(self, shard: VocabShard, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = _sharded_param(shard)
+        self.bias = _sharded_param(shard)
+
+
+class ShardedVTE(nn.Module):
+    """`vte.weight` [V, D]: the softmax rows [0, Vh) split like the head, the 5 indicator rows
+    [Vh, V) (plain look-ups) on every rank."""
+
+    def __init__(self, shard: VocabShard, vocab: int, hidden: int):
+        super().__init__()
+        self.shard = shard
+        self.rows = _sharded_param(shard, hidden)
+        self.indicators = nn.Parameter(torch.empty(NUM_INDICATORS, hidden), requires_grad=False)
+        self.vocab = vocab
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        for name, tensor in weights:
+            assert name == "weight" and tensor.shape[0] == self.vocab, (name, tensor.shape)
+            self.shard.load(self.rows, tensor[: self.vocab - NUM_INDICATORS])
+            self.indicators.data.copy_(tensor[self.vocab - NUM_INDICATORS:])
+        return {"rows", "indicators"}
+
+
 class OvisVisualTokenizer(nn.Module):
-    """SigLIP backbone + head: crops -> per-token logits over the visual vocabulary (pre-LayerNorm).
+    """SigLIP backbone + head: crops -> per-token logits over this rank's slice of the visual
+    vocabulary (pre-LayerNorm).
 
-    The LayerNorm (`head.1`) is applied inside `kernels.visual_embedding`, fused with the softmax
-    and the VTE product."""
+    The LayerNorm (`head.1`) is applied inside the visual-embedding kernel, fused with the
+    softmax and the VTE product."""
 
-    def __init__(self, config, quant_config=None, prefix: str = ""):
+    def __init__(self, config, shard: VocabShard, quant_config=None, prefix: str = ""):
         super().__init__()
         self.hidden_stride = config.hidden_stride
         # Ovis reads hidden_states[-1]: the last encoder layer BEFORE SigLIP's post-LayerNorm.
         self.backbone = SiglipVisionModel(config.backbone_config, quant_config,
                                           require_post_norm=False, prefix=maybe_prefix(prefix, "backbone"))
-        head_width = config.vocab_size - NUM_INDICATORS
-        self.head = nn.Sequential(
-            ReplicatedLinear(config.backbone_config.hidden_size * self.hidden_stride**2, head_width,
-                             bias=False, return_bias=False, quant_config=quant_config,
-                             prefix=maybe_prefix(prefix, "head.0")),
-            nn.LayerNorm(head_width),
-        )
+        in_features = config.backbone_config.hidden_size * self.hidden_stride**2
+        self.head = nn.Sequential(ShardedHeadLinear(in_features, shard), ShardedLayerNorm(shard))
 
     def merge_patches(self, features: torch.Tensor) -> torch.Tensor:
         """[n, g*g, d] -> [n, (G/s)^2, s*s*d]: zero-pad the g x g patch grid to a multiple G of the
@@ -93,21 +171,47 @@ class Ovis(nn.Module, SupportsMultiModal, SupportsPP):
             self.llm = init_vllm_registered_model(
                 vllm_config=vllm_config.with_hf_config(config.get_text_config()),
                 prefix=maybe_prefix(prefix, "llm"))
+        vocab = config.visual_tokenizer_config.vocab_size
+        self.tp_rank, self.tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+        # Every rank holds 1/tp of the head and the VTE (vLLM's built-in replicates both).
+        self.shards = [VocabShard.of(vocab - NUM_INDICATORS, r, self.tp_size) for r in range(self.tp_size)]
+        if self.shards[-1].valid == 0:
+            raise ValueError(f"visual vocabulary {vocab} is too small for {self.tp_size} ranks")
+        shard = self.shards[self.tp_rank]
         with self._mark_tower_model(vllm_config, "image"):
             self.visual_tokenizer = OvisVisualTokenizer(
-                config.visual_tokenizer_config, vllm_config.quant_config,
+                config.visual_tokenizer_config, shard, vllm_config.quant_config,
                 prefix=maybe_prefix(prefix, "visual_tokenizer"))
-            self.vte = nn.Embedding(config.visual_tokenizer_config.vocab_size, config.hidden_size)
+            self.vte = ShardedVTE(shard, vocab, config.hidden_size)
         self.make_empty_intermediate_tensors = self.llm.make_empty_intermediate_tensors
+
+    def _crop_embeddings(self, logits: torch.Tensor) -> torch.Tensor:
+        """softmax(LayerNorm(logits)) @ VTE rows for this rank's logits [N, shard.size]."""
+        ln, shard = self.visual_tokenizer.head[1], self.shards[self.tp_rank]
+        x, w, b = logits[:, :shard.valid], ln.weight[:shard.valid], ln.bias[:shard.valid]
+        rows = self.vte.rows[:shard.valid]
+        if self.tp_size == 1:
+            return visual_embedding(x, w, b, rows, ln.eps)
+        # Vocabulary-parallel: exact merges of the LayerNorm moments and the softmax statistics
+        # (two all-gathers of [N, 2] per rank), then one all-reduce of the rescaled [N, D] products.
+        ln_stats = tensor_model_parallel_all_gather(ln_partial_stats(x).contiguous(), dim=-1)
+        norm = combine_ln_stats([(s.valid, ln_stats[:, 2 * r:2 * r + 2])
+                                 for r, s in enumerate(self.shards)], ln.eps)
+        sm = softmax_partial_stats(x, w, b, norm)
+        sm_all = tensor_model_parallel_all_gather(sm.contiguous(), dim=-1)
+        maxes, sums = sm_all[:, 0::2], sm_all[:, 1::2]
+        scales = torch.exp(maxes - maxes.amax(dim=1, keepdim=True))
+        product = partial_product(x, w, b, rows, norm, sm) * scales[:, self.tp_rank:self.tp_rank + 1]
+        product = tensor_model_parallel_all_reduce(product)
+        return (product / (sums * scales).sum(dim=1, keepdim=True)).to(rows.dtype)
 
     def _image_embeddings(self, logits: torch.Tensor, grids: list[tuple[int, int]]) -> list[torch.Tensor]:
         """Lay out indicators and crop embeddings per image, scaled like Gemma2's text rows."""
-        vocab, per_crop = self.vte.num_embeddings, logits.shape[1]
-        ln = self.visual_tokenizer.head[1]
-        crop_embeds = visual_embedding(logits.flatten(0, 1), ln.weight, ln.bias, self.vte.weight, ln.eps)
+        vocab, per_crop = self.vte.vocab, logits.shape[1]
+        crop_embeds = self._crop_embeddings(logits.flatten(0, 1))
         # One table holding every crop token's embedding followed by the 5 indicator rows, so an
         # image is a single gather in the reference order.
-        table = torch.cat([crop_embeds, self.vte.weight[vocab - NUM_INDICATORS:]])
+        table = torch.cat([crop_embeds, self.vte.indicators])
         indicator_base = crop_embeds.shape[0] - (vocab - NUM_INDICATORS)
         normalizer = self.llm.model.normalizer
         images, next_crop = [], 0
@@ -130,7 +234,7 @@ class Ovis(nn.Module, SupportsMultiModal, SupportsPP):
         if isinstance(pixel_values, (list, tuple)):
             pixel_values = torch.cat(list(pixel_values))
         grids = [tuple(int(v) for v in g) for g in torch.as_tensor(grids).reshape(-1, 2).tolist()]
-        dtype = self.vte.weight.dtype
+        dtype = self.vte.rows.dtype
         logits = self.visual_tokenizer(pixel_values.to(dtype))
         return tuple(self._image_embeddings(logits, grids))
 

@@ -271,11 +271,55 @@ def _launch_product(logits: Tensor, ln_weight: Tensor, ln_bias: Tensor, vte: Ten
 # Tensor-parallel pieces (a slice [lo, hi) of the visual vocabulary per rank).
 # Row statistics travel as small fp32 [N, 2] tensors, so ranks can all-gather them cheaply.
 # ----------------------------------------------------------------------------------------------
+def _use_triton(logits: Tensor) -> bool:
+    """Vocabulary-slice pieces: Triton on CUDA (or under the interpreter), torch otherwise."""
+    return HAS_TRITON and (logits.is_cuda or _interpreting())
+
+
+def _normalized_chunks(logits: Tensor, ln_weight: Tensor, ln_bias: Tensor, norm: Tensor):
+    """fp32 LayerNorm output of a slice, a memory-budgeted chunk of rows at a time (CPU path)."""
+    rows = chunk_rows(logits.shape[1], torch.float32)
+    w, b = ln_weight.float(), ln_bias.float()
+    for start in range(0, logits.shape[0], rows):
+        stop = start + rows
+        mean, rstd = norm[start:stop, 0:1].float(), norm[start:stop, 1:2].float()
+        yield start, stop, (logits[start:stop].float() - mean) * rstd * w + b
+
+
+def _torch_ln_partial_stats(logits: Tensor) -> Tensor:
+    ln = torch.empty((logits.shape[0], 2), dtype=torch.float32, device=logits.device)
+    rows = chunk_rows(logits.shape[1], torch.float32)
+    for start in range(0, logits.shape[0], rows):
+        x = logits[start:start + rows].float()
+        mean = x.mean(dim=1)
+        ln[start:start + rows, 0] = mean
+        ln[start:start + rows, 1] = ((x - mean[:, None]) ** 2).sum(dim=1)
+    return ln
+
+
+def _torch_softmax_partial_stats(logits, ln_weight, ln_bias, norm) -> Tensor:
+    sm = torch.empty((logits.shape[0], 2), dtype=torch.float32, device=logits.device)
+    for start, stop, y in _normalized_chunks(logits, ln_weight, ln_bias, norm):
+        row_max = y.amax(dim=1)
+        sm[start:stop, 0] = row_max
+        sm[start:stop, 1] = torch.exp(y - row_max[:, None]).sum(dim=1)
+    return sm
+
+
+def _torch_partial_product(logits, ln_weight, ln_bias, vte, norm, sm) -> Tensor:
+    table = vte[: logits.shape[1]].float()
+    out = torch.empty((logits.shape[0], vte.shape[1]), dtype=torch.float32, device=logits.device)
+    for start, stop, y in _normalized_chunks(logits, ln_weight, ln_bias, norm):
+        torch.matmul(torch.exp(y - sm[start:stop, 0:1].float()), table, out=out[start:stop])
+    return out
+
+
 def ln_partial_stats(logits: Tensor) -> Tensor:
     """LayerNorm statistics of a vocabulary slice: fp32 [N, 2] = (mean of the slice's logits,
     M2 = sum of squared deviations from that mean). Centred rather than a raw sum of squares:
     exact to combine (`combine_ln_stats`) and free of cancellation when |mean| >> std."""
-    _require_triton(logits)
+    if not _use_triton(logits):
+        return _torch_ln_partial_stats(logits)
     ln = torch.empty((logits.shape[0], 2), dtype=torch.float32, device=logits.device)
     _launch_row_stats(logits, None, None, 0.0, ln, ln, None, LN=True, SOFTMAX=False)
     return ln
@@ -295,7 +339,8 @@ def softmax_partial_stats(logits: Tensor, ln_weight: Tensor, ln_bias: Tensor,
                           norm: Tensor) -> Tensor:
     """Given the global (mean, rstd) [N, 2], a slice's softmax statistics of the normalized
     logits: fp32 [N, 2] = (slice max m_i, sum over the slice of exp(y - m_i))."""
-    _require_triton(logits, ln_weight, ln_bias, norm)
+    if not _use_triton(logits):
+        return _torch_softmax_partial_stats(logits, ln_weight, ln_bias, norm)
     sm = torch.empty((logits.shape[0], 2), dtype=torch.float32, device=logits.device)
     _launch_row_stats(logits, ln_weight, ln_bias, 0.0, None, norm.float().contiguous(), sm,
                       LN=False, SOFTMAX=True)
@@ -306,7 +351,8 @@ def partial_product(logits: Tensor, ln_weight: Tensor, ln_bias: Tensor, vte: Ten
                     norm: Tensor, sm: Tensor, config: Optional[dict] = None) -> Tensor:
     """Unnormalized product of a slice: fp32 [N, D] = sum_j exp(y_j - sm[:, 0]) * vte[j] over the
     slice's columns j (vte holds the slice's VTE rows, at least as many as it has columns)."""
-    _require_triton(logits, ln_weight, ln_bias, vte, norm, sm)
+    if not _use_triton(logits):
+        return _torch_partial_product(logits, ln_weight, ln_bias, vte, norm, sm)
     out = torch.empty((logits.shape[0], vte.shape[1]), dtype=torch.float32, device=logits.device)
     _launch_product(logits, ln_weight, ln_bias, vte, norm.float().contiguous(),
                     sm.float().contiguous(), out, normalize=False, config=config)

@@ -331,6 +331,21 @@ def test_interp_tensor_parallel_pieces(cuts, dtype):
     assert torch.allclose(norm[:, 1].double(), ref["rstd"], rtol=1e-5), f"seed {seed}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cuts", [[0, 150, 301], [0, 1, 300, 301]])
+def test_cpu_tensor_parallel_pieces(cuts, dtype, monkeypatch):
+    """The torch versions of the slice pieces (vLLM's CPU backend under tensor parallel), with
+    chunks of a few rows, combined equal the fp64 reference."""
+    monkeypatch.setenv("OVIS_VISUAL_EMBED_CHUNK_MB", str(8 * 301 * 4 / 2**20))  # 8-row chunks
+    (x, w, b, vte), seed = make_inputs(37, 301, 45, dtype)
+    slices = [slice(lo, hi) for lo, hi in zip(cuts, cuts[1:])]
+    combined, norm = combine_vocabulary_slices(x, w, b, vte, slices)
+    assert torch.isfinite(combined).all()
+    check_accuracy(combined, (x, w, b, vte), seed)
+    ref = row_stats_reference(x, w, b, EPS)
+    assert torch.allclose(norm[:, 1].double(), ref["rstd"], rtol=1e-5), f"seed {seed}"
+
+
 @interp
 def test_interp_public_api_forced_triton(monkeypatch):
     monkeypatch.setenv("OVIS_VISUAL_EMBED", "triton")

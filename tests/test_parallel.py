@@ -1,0 +1,64 @@
+"""Tensor parallel Ovis on vLLM's CPU backend: the visual head and VTE split along the visual
+vocabulary across 2 ranks give the single-rank engine's answers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.conftest import make_llm
+from tests.test_engine_parity import PROMPT_LOGPROB_ATOL, SIDE, rand_image, run_engine
+from tests.test_engine_serving import prompt_logprobs, tokens
+
+
+@pytest.fixture(scope="module")
+def tp2_llm(tiny_checkpoint):
+    # One OpenMP thread pool per rank, each on its own core (vLLM's CPU backend needs the binding).
+    old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
+    # apply_model() ships a function to the workers (pickle): tests only.
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    try:
+        engine = make_llm(tiny_checkpoint, tensor_parallel_size=2, max_num_seqs=8,
+                          distributed_executor_backend="mp")
+    finally:
+        if old is None:
+            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+        else:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
+    yield engine
+    engine.llm_engine.engine_core.shutdown()
+
+
+def shard_shapes(model):  # module level: it is pickled to the workers
+    return (tuple(model.vte.rows.shape), tuple(model.visual_tokenizer.head[0].weight.shape),
+            model.shards[model.tp_rank].valid)
+
+
+def test_each_rank_holds_its_vocabulary_slice(tp2_llm, tiny_checkpoint):
+    import json
+
+    vocab = json.loads((tiny_checkpoint / "config.json").read_text())["visual_tokenizer_config"]["vocab_size"]
+    shapes = tp2_llm.apply_model(shard_shapes)
+    half = -(-(vocab - 5) // 2)
+    assert [s[0][0] for s in shapes] == [half, half]
+    assert [s[1][0] for s in shapes] == [half, half]
+    assert sum(s[2] for s in shapes) == vocab - 5  # every column on exactly one rank
+
+
+def test_tp2_equals_single_rank(llm, tp2_llm):
+    cases = [
+        ([("user", "<image>\nDescribe the image.")], [rand_image(3 * SIDE, 3 * SIDE, 60)]),
+        ([("user", "<image>\nWhat is this?")], [rand_image(2 * SIDE, 3 * SIDE, 61)]),
+        ([("user", "<image>\nAnd this?")], [rand_image(40, 40, 62)]),
+        ([("user", "<image>\n<image>\nCompare.")], [rand_image(300, 60, 63), rand_image(SIDE, SIDE, 64)]),
+        ([("user", "Text only, no image.")], []),
+    ]
+    single = run_engine(llm, cases)
+    parallel = run_engine(tp2_llm, cases)
+    for s, p in zip(single, parallel):
+        assert s.prompt_token_ids == p.prompt_token_ids
+        diff = max(abs(a - b) for a, b in zip(prompt_logprobs(s), prompt_logprobs(p)))
+        assert diff < PROMPT_LOGPROB_ATOL, diff
+    assert tokens(parallel) == tokens(single)
