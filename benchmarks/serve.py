@@ -1,0 +1,303 @@
+"""Serving benchmark: ours vs vLLM's built-in Ovis, same checkpoint, same machine, one run.
+
+    python benchmarks/serve.py --preset tiny --server both --concurrency 1 4 16 64
+    python benchmarks/serve.py --preset wide --workload encoder-heavy --server both
+    python benchmarks/serve.py --url http://host:8000 --model NAME      # an existing server
+
+Requests go through the `openai` async client as streaming chat completions with base64 images
+of several crop grids (1x1, 2x2, 3x3 at the checkpoint's image side) and text lengths. The
+metrics (requests/s, output tokens/s, TTFT / inter-token latency p50/p90/p99) are computed by
+vLLM's own `vllm.benchmarks.serve.calculate_metrics` from the timings recorded here. The
+server's peak resident memory (its process tree) is sampled during each run. Each concurrency
+level is run `--repeats` times; the spread (min/max of requests/s) is reported so ratios can be
+read against it. Writes JSON and PNG plots to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKLOADS = {
+    # (grid multiples of the image side, text words, max output tokens)
+    "mixed": [((1, 1), 8, 32), ((2, 2), 40, 32), ((3, 3), 16, 32), ((1, 1), 120, 32)],
+    "encoder-heavy": [((3, 3), 8, 4)],
+}
+
+
+def make_requests(n: int, workload: str, side: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    specs = WORKLOADS[workload]
+    out = []
+    for i in range(n):
+        (rows, cols), words, max_tokens = specs[i % len(specs)]
+        pixels = rng.integers(0, 256, (rows * side, cols * side, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        text = f"Request {i}. " + " ".join(["Describe the image in detail."] * max(1, words // 5))
+        out.append({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}],
+            "max_tokens": max_tokens, "grid": f"{rows}x{cols}"})
+    return out
+
+
+class PeakMemory:
+    """Peak resident set size of a process and its children, sampled in a thread."""
+
+    def __init__(self, pid: int | None):
+        self.pid, self.peak, self._stop = pid, 0, threading.Event()
+
+    def _rss(self) -> int:
+        try:
+            proc = psutil.Process(self.pid)
+            return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+        except psutil.Error:
+            return 0
+
+    def __enter__(self):
+        if self.pid is not None:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.1)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+
+
+async def run_level(base_url: str, model: str, requests: list[dict], concurrency: int):
+    import openai
+    from vllm.benchmarks.datasets import SampleRequest
+    from vllm.benchmarks.lib.endpoint_request_func import RequestFuncOutput
+
+    client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key=os.environ.get("OVIS_API_KEY", "none"),
+                                max_retries=0, timeout=1800)
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def one(req) -> RequestFuncOutput:
+        out = RequestFuncOutput()
+        async with semaphore:
+            start = time.perf_counter()
+            out.start_time = start
+            last = start
+            try:
+                stream = await client.chat.completions.create(
+                    model=model, messages=req["messages"], max_tokens=req["max_tokens"],
+                    temperature=0, stream=True, stream_options={"include_usage": True})
+                async for chunk in stream:
+                    now = time.perf_counter()
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        if out.ttft == 0.0:
+                            out.ttft = now - start
+                        else:
+                            out.itl.append(now - last)
+                        last = now
+                        out.generated_text += chunk.choices[0].delta.content
+                    if chunk.usage:
+                        out.output_tokens = chunk.usage.completion_tokens
+                        out.prompt_len = chunk.usage.prompt_tokens
+                out.latency = time.perf_counter() - start
+                out.success = True
+            except Exception as exc:  # counted as an error in the report
+                out.error = f"{type(exc).__name__}: {exc}"
+        return out
+
+    start = time.perf_counter()
+    outputs = await asyncio.gather(*[one(r) for r in requests])
+    duration = time.perf_counter() - start
+    await client.close()
+    samples = [SampleRequest(prompt="", prompt_len=o.prompt_len, expected_output_len=r["max_tokens"])
+               for o, r in zip(outputs, requests)]
+    return outputs, samples, duration
+
+
+def metrics_row(outputs, samples, duration) -> dict:
+    from vllm.benchmarks.serve import calculate_metrics
+
+    m, _ = calculate_metrics(samples, outputs, duration, None, [50, 90, 99], {})
+    pct = lambda values: {f"p{int(p)}": v for p, v in values}
+    return {"requests_per_s": m.request_throughput, "output_tokens_per_s": m.output_throughput,
+            "completed": m.completed, "errors": m.failed,
+            "ttft_ms": pct(m.percentiles_ttft_ms), "itl_ms": pct(m.percentiles_itl_ms),
+            "first_error": next((o.error for o in outputs if o.error), "")}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(kind: str, model: str, extra: list[str], log_dir: Path):
+    """kind 'ours' (our plugin) or 'builtin' (vLLM's built-in Ovis, VLLM_PLUGINS=none)."""
+    port = free_port()
+    env = dict(os.environ)
+    if kind == "builtin":
+        env["VLLM_PLUGINS"] = "none"
+    cmd = [sys.executable, str(ROOT / "server.py"), "--model", model, "--served-model-name", "bench",
+           "--host", "127.0.0.1", "--port", str(port), "--seed", "0", *extra]
+    log = open(log_dir / f"server-{kind}.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    import httpx
+
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{kind} server exited; see {log.name}")
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    proc.kill()
+    raise RuntimeError(f"{kind} server did not start in time; see {log.name}")
+
+
+def stop_server(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def bench_server(label, base, pid, model, args, side, progress) -> list[dict]:
+    rows = []
+    warm = make_requests(2, args.workload, side, seed=99)
+    asyncio.run(run_level(base, model, warm, 2))  # first-request costs out of the timings
+    for concurrency in args.concurrency:
+        n = max(args.requests, concurrency)
+        requests = make_requests(n, args.workload, side, seed=concurrency)
+        runs = []
+        for repeat in range(args.repeats):
+            with PeakMemory(pid) as mem:
+                outputs, samples, duration = asyncio.run(run_level(base, model, requests, concurrency))
+            row = metrics_row(outputs, samples, duration)
+            row.update(server=label, concurrency=concurrency, repeat=repeat, requests=n,
+                       peak_rss_MiB=mem.peak / 2**20 if pid else None)
+            runs.append(row)
+            progress.update(1)
+        rates = [r["requests_per_s"] for r in runs]
+        summary = dict(runs[0], requests_per_s=float(np.mean(rates)),
+                       requests_per_s_min=min(rates), requests_per_s_max=max(rates),
+                       errors=sum(r["errors"] for r in runs),
+                       peak_rss_MiB=max((r["peak_rss_MiB"] or 0) for r in runs) or None, runs=runs)
+        rows.append(summary)
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label in sorted({r["server"] for r in rows}):
+        sel = [r for r in rows if r["server"] == label]
+        conc = [r["concurrency"] for r in sel]
+        axes[0].errorbar(conc, [r["requests_per_s"] for r in sel], marker="o", label=label, capsize=3,
+                         yerr=[[r["requests_per_s"] - r["requests_per_s_min"] for r in sel],
+                               [r["requests_per_s_max"] - r["requests_per_s"] for r in sel]])
+        axes[1].plot(conc, [r["ttft_ms"]["p50"] for r in sel], marker="o", label=label)
+    for ax, title in zip(axes, ["requests/s (min-max over repeats)", "TTFT p50 (ms)"]):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--server", choices=["ours", "builtin", "both"], default="both")
+    ap.add_argument("--url", help="benchmark this running server instead of starting one")
+    ap.add_argument("--model", help="checkpoint path (started servers) or served name (--url)")
+    ap.add_argument("--preset", choices=["tiny", "wide"], default="tiny",
+                    help="generate this checkpoint when --model is not given")
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="mixed")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument("--requests", type=int, default=32, help="requests per level (at least the concurrency)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--server-args", default="", help="extra vLLM flags for started servers")
+    ap.add_argument("--out", default="benchmarks/out/serve")
+    args = ap.parse_args(argv)
+    from tqdm import tqdm
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    progress = tqdm(total=len(args.concurrency) * args.repeats * (2 if args.server == "both" and not args.url else 1),
+                    desc="benchmark runs")
+    if args.url:
+        side = int(os.environ.get("OVIS_IMAGE_SIDE", "384"))
+        rows += bench_server("target", args.url, None, args.model or "bench", args, side, progress)
+    else:
+        model = args.model
+        if model is None:
+            from engine.checkpoint import write_checkpoint
+
+            model = str(write_checkpoint(out / f"ckpt-{args.preset}", args.preset, seed=0))
+        side = json.loads((Path(model) / "config.json").read_text())[
+            "visual_tokenizer_config"]["backbone_config"]["image_size"]
+        kinds = ["ours", "builtin"] if args.server == "both" else [args.server]
+        for kind in kinds:  # back to back, same checkpoint and flags
+            proc, base = start_server(kind, model, args.server_args.split(), out)
+            try:
+                rows += bench_server(kind, base, proc.pid, "bench", args, side, progress)
+            finally:
+                stop_server(proc)
+    progress.close()
+
+    print(f"\n{'server':8} {'conc':>4} {'req/s':>8} {'(min-max)':>15} {'out tok/s':>9} "
+          f"{'TTFT p50/p90/p99 ms':>22} {'ITL p50/p99 ms':>16} {'errors':>6} {'peak MiB':>8}")
+    for r in rows:
+        t, i = r["ttft_ms"], r["itl_ms"]
+        print(f"{r['server']:8} {r['concurrency']:>4} {r['requests_per_s']:>8.2f} "
+              f"{r['requests_per_s_min']:>7.2f}-{r['requests_per_s_max']:<7.2f} {r['output_tokens_per_s']:>9.1f} "
+              f"{t['p50']:>7.0f}/{t['p90']:.0f}/{t['p99']:.0f} {i['p50']:>8.1f}/{i['p99']:.1f} "
+              f"{r['errors']:>6} {r['peak_rss_MiB'] or 0:>8.0f}")
+    result = {"args": vars(args), "rows": rows}
+    if args.server == "both" and not args.url:
+        ratios = []
+        for ours in (r for r in rows if r["server"] == "ours"):
+            base = next(r for r in rows if r["server"] == "builtin" and r["concurrency"] == ours["concurrency"])
+            ratio = {"concurrency": ours["concurrency"],
+                     "requests_per_s": ours["requests_per_s"] / base["requests_per_s"],
+                     "spread": max((r["requests_per_s_max"] - r["requests_per_s_min"]) / r["requests_per_s"]
+                                   for r in (ours, base)),
+                     "peak_rss": (ours["peak_rss_MiB"] or 0) / (base["peak_rss_MiB"] or 1)}
+            ratios.append(ratio)
+            print(f"ours/builtin at concurrency {ratio['concurrency']}: requests/s {ratio['requests_per_s']:.3f} "
+                  f"(run-to-run spread {ratio['spread']:.1%}), peak memory {ratio['peak_rss']:.3f}")
+        result["ratios"] = ratios
+    (out / "serve.json").write_text(json.dumps(result, indent=2))
+    plot(rows, out / "serve.png")
+    return result
+
+
+if __name__ == "__main__":
+    main()
