@@ -13,21 +13,24 @@ from tests.test_engine_parity import PROMPT_LOGPROB_ATOL, SIDE, rand_image, run_
 from tests.test_engine_serving import prompt_logprobs, tokens
 
 
-@pytest.fixture(scope="module")
-def tp2_llm(tiny_checkpoint):
-    # One OpenMP thread pool per rank, each on its own core (vLLM's CPU backend needs the binding).
+def start_two_rank_engine(checkpoint, **parallel):
+    """An engine over 2 ranks on vLLM's CPU backend, each rank's OpenMP pool on its own core."""
     old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
     # apply_model() ships a function to the workers (pickle): tests only.
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     try:
-        engine = make_llm(tiny_checkpoint, tensor_parallel_size=2, max_num_seqs=8,
-                          distributed_executor_backend="mp")
+        return make_llm(checkpoint, max_num_seqs=8, distributed_executor_backend="mp", **parallel)
     finally:
         if old is None:
             os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
         else:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
+
+
+@pytest.fixture(scope="module")
+def tp2_llm(tiny_checkpoint):
+    engine = start_two_rank_engine(tiny_checkpoint, tensor_parallel_size=2)
     yield engine
     engine.llm_engine.engine_core.shutdown()
 
@@ -76,16 +79,7 @@ needs_two_gpus = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def pp2_llm(tiny_checkpoint):
-    old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
-    try:
-        engine = make_llm(tiny_checkpoint, pipeline_parallel_size=2, max_num_seqs=8,
-                          distributed_executor_backend="mp")
-    finally:
-        if old is None:
-            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
-        else:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
+    engine = start_two_rank_engine(tiny_checkpoint, pipeline_parallel_size=2)
     yield engine
     engine.llm_engine.engine_core.shutdown()
 
