@@ -103,12 +103,19 @@ class OvisProcessingInfo(BaseProcessingInfo):
         if unknown:
             raise ValueError(f"unknown Ovis mm_processor_kwargs {unknown}; "
                              f"supported: {list(PROCESSOR_OPTIONS)}")
-        opts = {
-            "max_partition": int(merged.get("max_partition", DEFAULT_MAX_PARTITION)),
+        max_partition = int(merged.get("max_partition", DEFAULT_MAX_PARTITION))
+        if request_kwargs:
+            # vLLM sized its encoder budget for the server's largest grid; a request may only
+            # ask for fewer crops.
+            server_max = self.processor_options({})["max_partition"]
+            if max_partition > server_max:
+                raise ValueError(f"max_partition {max_partition} is above this server's "
+                                 f"{server_max} (set with --mm-processor-kwargs)")
+        return {
+            "max_partition": max_partition,
             "covering_threshold": float(merged.get("covering_threshold", DEFAULT_COVERING_THRESHOLD)),
             "max_pixels": int(merged.get("max_pixels", DEFAULT_MAX_PIXELS)),
         }
-        return opts
 
     def max_grid(self) -> tuple[int, int]:
         """The grid with the most crops allowed by the server's max_partition."""

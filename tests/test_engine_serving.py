@@ -104,6 +104,8 @@ def bad_requests(tokenizer):
     yield "too many images", {"prompt": five, "multi_modal_data": {"image": [rand_image(8, 8, i) for i in range(5)]}}, "At most 4 image"
     yield "missing image", {"prompt": chat_prompt(tokenizer, [("user", "<image>\n<image>\nTwo?")]),
                             "multi_modal_data": {"image": rand_image(8, 8, 0)}}, "2 <image> marker(s) but 1 image(s)"
+    yield "max_partition above the server's", {"prompt": one, "multi_modal_data": {"image": rand_image(8, 8, 0)},
+                                                "mm_processor_kwargs": {"max_partition": 16}}, "above this server's 9"
     long = chat_prompt(tokenizer, [("user", "word " * 9000)])
     yield "prompt over the context", {"prompt": long}, "maximum context length is 8192"
     # Text that fits, until the 3x3 image's 101 placeholders replace its one marker token.
