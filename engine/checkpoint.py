@@ -257,10 +257,9 @@ def _tensor_shapes(p: Preset) -> dict[str, tuple[int, ...]]:
 def _random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     """Random weights scaled so activations stay O(1) and logits are well separated."""
     t = torch.randn(shape, generator=gen)
-    if name.endswith("norm.weight") and name.startswith("llm."):
-        return 0.1 * t  # Gemma's RMSNorm multiplies by (1 + weight)
-    if ("norm" in name or "layer_norm" in name or name.endswith("head.1.weight")) and name.endswith("weight"):
-        return 1.0 + 0.1 * t
+    if name.endswith("weight") and ("norm" in name or name == "visual_tokenizer.head.1.weight"):
+        # Gemma's RMSNorm multiplies by (1 + weight), the LayerNorms by weight.
+        return 0.1 * t if name.startswith("llm.") else 1.0 + 0.1 * t
     if name.endswith("bias"):
         return 0.1 * t
     if name == "llm.model.embed_tokens.weight" or name == "vte.weight":
