@@ -24,9 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from .chat_template import CHAT_TEMPLATE
-
-IMAGE_TOKEN = "<image>"
-NUM_INDICATORS = 5
+from .placeholders import IMAGE_PAD_ID, IMAGE_TOKEN, NUM_INDICATORS
 
 # Gemma's special-token layout; the ids matter (prompts, stop tokens, the image pad token).
 GEMMA_SPECIALS = (
@@ -34,7 +32,7 @@ GEMMA_SPECIALS = (
     + [f"<unused{i}>" for i in range(99)]
     + ["<start_of_turn>", "<end_of_turn>"]
 )
-PAD_ID, EOS_ID, BOS_ID, IMAGE_PAD_ID = 0, 1, 2, 7
+PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
 START_OF_TURN_ID, END_OF_TURN_ID = 106, 107
 
 # Text the BPE merges are learned from: enough for short English prompts to take few tokens.
