@@ -82,6 +82,10 @@ class OvisProcessingInfo(BaseProcessingInfo):
         cfg = self.get_hf_config().visual_tokenizer_config
         return tokens_per_crop(self.image_side, self.backbone_config.patch_size, cfg.hidden_stride)
 
+    def image_marker_ids(self) -> list[int]:
+        """The token ids of `<image>` in a tokenized prompt (one added token in our checkpoints)."""
+        return cached_encode(self.get_tokenizer(), IMAGE_TOKEN, add_special_tokens=False)
+
     def get_default_tok_params(self) -> TokenizeParams:
         # The chat template writes <bos> itself, as the reference's formatter does.
         return super().get_default_tok_params().with_kwargs(add_special_tokens=False)
@@ -163,9 +167,8 @@ class OvisMultiModalProcessor(BaseMultiModalProcessor[OvisProcessingInfo]):
     def apply(self, inputs, timing_ctx):
         # vLLM checks that every image finds a marker, not that every marker gets an image; a
         # marker left over would reach the model as plain text. The reference raises here too.
-        marker = cached_encode(self.info.get_tokenizer(), IMAGE_TOKEN, add_special_tokens=False)
         images = inputs.mm_data_items.get_all_counts().get("image", 0)
-        markers = _count_subsequence(inputs.prompt, marker)
+        markers = _count_subsequence(inputs.prompt, self.info.image_marker_ids())
         if markers != images:
             raise ValueError(f"the prompt has {markers} {IMAGE_TOKEN} marker(s) but {images} "
                              f"image(s) were given; each image needs exactly one marker")
@@ -198,7 +201,6 @@ class OvisMultiModalProcessor(BaseMultiModalProcessor[OvisProcessingInfo]):
 
     def _get_prompt_updates(self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs,
                             out_mm_kwargs: MultiModalKwargsItems) -> list[PromptReplacement]:
-        tokenizer = self.info.get_tokenizer()
         per_crop = self.info.tokens_per_crop
 
         def replacement(item_idx: int) -> list[int]:
@@ -207,6 +209,6 @@ class OvisMultiModalProcessor(BaseMultiModalProcessor[OvisProcessingInfo]):
 
         return [PromptReplacement(
             modality="image",
-            target=cached_encode(tokenizer, IMAGE_TOKEN, add_special_tokens=False),
+            target=self.info.image_marker_ids(),
             replacement=replacement,
         )]
