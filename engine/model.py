@@ -33,6 +33,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
 from kernels import (
+    PackedMatrix,
     combine_ln_stats,
     ln_partial_stats,
     partial_product,
@@ -72,15 +73,37 @@ def _sharded_param(shard: VocabShard, *shape: int) -> nn.Parameter:
     return param
 
 
+def _drop(param: nn.Parameter) -> None:
+    """Free a weight that now lives in a PackedMatrix (keeps its dtype; shape [0, ...])."""
+    param.data = param.data.new_empty((0, *param.shape[1:]))
+
+
 class ShardedHeadLinear(nn.Module):
-    """`head.0`: Linear(features -> Vh, no bias), rows split along the visual vocabulary."""
+    """`head.0`: Linear(features -> Vh, no bias), rows split along the visual vocabulary.
+
+    On CPU its weight is packed for oneDNN after loading, as vLLM does for its own Linear
+    layers (and so for the built-in Ovis head)."""
 
     def __init__(self, in_features: int, shard: VocabShard):
         super().__init__()
         self.shard = shard
         self.weight = _sharded_param(shard, in_features)
+        self.packed: PackedMatrix | None = None
+
+    def pack_for_cpu(self) -> None:
+        weight = self.weight[: self.shard.valid]
+        if PackedMatrix.supported(weight):
+            self.packed = PackedMatrix(weight.t())
+            _drop(self.weight)
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """[rows, in_features] held by this rank, packed or not."""
+        return (self.packed.shape[1], self.packed.shape[0]) if self.packed else tuple(self.weight.shape)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return self.packed.matmul(features)
         return F.linear(features, self.weight[: self.shard.valid])
 
 
@@ -105,6 +128,20 @@ class ShardedVTE(nn.Module):
         self.rows = _sharded_param(shard, hidden)
         self.indicators = nn.Parameter(torch.empty(NUM_INDICATORS, hidden), requires_grad=False)
         self.vocab = vocab
+        self.packed: PackedMatrix | None = None
+
+    def pack_for_cpu(self) -> None:
+        """Single rank on CPU: the softmax rows go to oneDNN once (kernels.PackedMatrix), the
+        chunked CPU path multiplies by them. (The tensor-parallel pieces keep the tensor.)"""
+        rows = self.rows[: self.shard.valid]
+        if PackedMatrix.supported(rows):
+            self.packed = PackedMatrix(rows)
+            _drop(self.rows)
+
+    @property
+    def table(self) -> "torch.Tensor | PackedMatrix":
+        """The rank's Vh softmax rows, as the visual-embedding kernel takes them."""
+        return self.packed if self.packed is not None else self.rows[: self.shard.valid]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         for name, tensor in weights:
@@ -189,9 +226,9 @@ class Ovis(nn.Module, SupportsMultiModal, SupportsPP):
         """softmax(LayerNorm(logits)) @ VTE rows for this rank's logits [N, shard.size]."""
         ln, shard = self.visual_tokenizer.head[1], self.shards[self.tp_rank]
         x, w, b = logits[:, :shard.valid], ln.weight[:shard.valid], ln.bias[:shard.valid]
-        rows = self.vte.rows[:shard.valid]
         if self.tp_size == 1:
-            return visual_embedding(x, w, b, rows, ln.eps)
+            return visual_embedding(x, w, b, self.vte.table, ln.eps)
+        rows = self.vte.rows[:shard.valid]
         # Vocabulary-parallel: exact merges of the LayerNorm moments and the softmax statistics
         # (two all-gathers of [N, 2] per rank), then one all-reduce of the rescaled [N, D] products.
         ln_stats = tensor_model_parallel_all_gather(ln_partial_stats(x).contiguous(), dim=-1)
@@ -234,7 +271,7 @@ class Ovis(nn.Module, SupportsMultiModal, SupportsPP):
         if isinstance(pixel_values, (list, tuple)):
             pixel_values = torch.cat(list(pixel_values))
         grids = [tuple(int(v) for v in g) for g in torch.as_tensor(grids).reshape(-1, 2).tolist()]
-        dtype = self.vte.rows.dtype
+        dtype = self.vte.indicators.dtype
         logits = self.visual_tokenizer(pixel_values.to(dtype))
         return tuple(self._image_embeddings(logits, grids))
 
@@ -250,4 +287,8 @@ class Ovis(nn.Module, SupportsMultiModal, SupportsPP):
         return self.llm.compute_logits(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return AutoWeightsLoader(self).load_weights(weights)
+        loaded = AutoWeightsLoader(self).load_weights(weights)
+        self.visual_tokenizer.head[0].pack_for_cpu()
+        if self.tp_size == 1:
+            self.vte.pack_for_cpu()
+        return loaded

@@ -1,5 +1,6 @@
 """Custom kernels for serving Ovis."""
 from kernels.visual_embed import (
+    PackedMatrix,
     chunk_rows,
     combine_ln_stats,
     combine_partials,
@@ -13,6 +14,7 @@ from kernels.visual_embed import (
 )
 
 __all__ = [
+    "PackedMatrix",
     "chunk_rows",
     "combine_ln_stats",
     "combine_partials",

@@ -132,3 +132,20 @@ def test_bad_input_fails_only_that_request(llm, reference):
         [again] = run_engine(llm, [good])
         assert tokens([again]) == tokens([want]), name
     assert_parity(want, reference, *good)
+
+
+def packing_state(model):  # module level: it is pickled to the worker
+    head, vte = model.visual_tokenizer.head[0], model.vte
+    return head.packed is not None, head.weight.numel(), vte.packed is not None, vte.rows.numel()
+
+
+def test_cpu_engine_packs_head_and_vte_for_onednn(llm):
+    """On CPU the two big visual GEMMs run on weights packed once for oneDNN, and the unpacked
+    copies are freed (else the packing would cost ~1 GiB at real widths)."""
+    import torch
+
+    from kernels import PackedMatrix
+
+    if torch.cuda.is_available() or not PackedMatrix.supported(torch.zeros(1, 1)):
+        pytest.skip("packing is the CPU path with vLLM's oneDNN ops")
+    assert llm.apply_model(packing_state) == [(True, 0, True, 0)]

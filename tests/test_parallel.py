@@ -36,7 +36,7 @@ def tp2_llm(tiny_checkpoint):
 
 
 def shard_shapes(model):  # module level: it is pickled to the workers
-    return (tuple(model.vte.rows.shape), tuple(model.visual_tokenizer.head[0].weight.shape),
+    return (tuple(model.vte.rows.shape), model.visual_tokenizer.head[0].weight_shape,
             model.shards[model.tp_rank].valid)
 
 

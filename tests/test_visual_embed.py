@@ -141,6 +141,57 @@ def test_chunked_matches_reference(shape, dtype, rows):
     assert rel_err(out, unfused.double()) <= tol, f"seed {seed}"
 
 
+packed = pytest.mark.skipif(not ve.PackedMatrix.supported(torch.zeros(1, 1)),
+                            reason="vLLM's oneDNN CPU ops are not available")
+
+
+@packed
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("rows", [1, 7, None])
+def test_chunked_with_packed_vte(shape, dtype, rows):
+    """The serving path on CPU: VTE softmax rows packed for oneDNN once (PackedMatrix)."""
+    args, seed = make_inputs(*shape, dtype)
+    x, w, b, vte = args
+    table = ve.PackedMatrix(vte[: shape[1]])
+    out = ve.visual_embedding_chunked(x, w, b, table, EPS, rows=rows)
+    assert out.shape == (shape[0], shape[2]) and out.dtype == dtype
+    assert torch.equal(ve.visual_embedding(x, w, b, table, EPS),
+                       ve.visual_embedding_chunked(x, w, b, table, EPS))
+    if dtype == torch.float32:
+        check_accuracy(out, args, seed)
+    # The same products as torch.matmul up to summation order (bf16: fp32 accumulation, then
+    # one rounding; measured bit-identical), so the same bounds as the unpacked chunked path.
+    unpacked = ve.visual_embedding_chunked(*args, EPS, rows=rows)
+    tol = 2e-6 if dtype == torch.float32 else UNIT_ROUNDOFF[dtype]
+    assert rel_err(out, unpacked.double()) <= tol, f"seed {seed}"
+
+
+@packed
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_matrix_matmul(dtype):
+    """a @ B for 2-D and 3-D, non-contiguous a, into a poisoned row block of a bigger output;
+    against fp64."""
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    b = torch.randn(301, 45, generator=g).to(dtype)
+    packed_b = ve.PackedMatrix(b)
+    assert packed_b.shape == (301, 45) and packed_b.dtype == dtype
+    a = torch.randn(2, 301, 37, generator=g).to(dtype).transpose(1, 2)  # [2, 37, 301], strided
+    ref = a.double() @ b.double()
+    out = packed_b.matmul(a)
+    assert out.shape == (2, 37, 45) and out.dtype == dtype
+    tol = 2e-6 if dtype == torch.float32 else UNIT_ROUNDOFF[dtype]
+    assert rel_err(out, ref) <= tol
+    big = torch.full((50, 45), float("nan"), dtype=dtype)
+    packed_b.matmul(a[0], out=big[5:42])
+    assert torch.equal(big[5:42], out[0])
+    assert big[:5].isnan().all() and big[42:].isnan().all()
+    with pytest.raises(ValueError, match="packed VTE has 301 rows"):
+        ve.visual_embedding_chunked(torch.randn(3, 300).to(dtype), torch.ones(300).to(dtype),
+                                    torch.zeros(300).to(dtype), packed_b, EPS)
+    assert not ve.PackedMatrix.supported(b.half())
+
+
 def test_chunk_rows_budget(monkeypatch):
     assert ve.chunk_rows(65531, torch.bfloat16) == 512  # 64 MiB / (65531 * 2 bytes)
     assert ve.chunk_rows(65531, torch.float32) == 256
