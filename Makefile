@@ -1,5 +1,5 @@
 # The two commands a new machine needs (see README.md).
-.PHONY: install serve test bench-kernel bench-preprocess
+.PHONY: install serve test bench-kernel bench-preprocess bench-serve
 
 install:
 	bash scripts/install.sh
@@ -15,3 +15,6 @@ bench-kernel: install
 
 bench-preprocess: install
 	.venv/bin/python benchmarks/preprocess.py $(ARGS)
+
+bench-serve: install
+	.venv/bin/python benchmarks/serve.py $(ARGS)

@@ -8,9 +8,20 @@ Requests go through the `openai` async client as streaming chat completions with
 of several crop grids (1x1, 2x2, 3x3 at the checkpoint's image side) and text lengths. The
 metrics (requests/s, output tokens/s, TTFT / inter-token latency p50/p90/p99) are computed by
 vLLM's own `vllm.benchmarks.serve.calculate_metrics` from the timings recorded here. The
-server's peak resident memory (its process tree) is sampled during each run. Each concurrency
-level is run `--repeats` times; the spread (min/max of requests/s) is reported so ratios can be
-read against it. Writes JSON and PNG plots to --out.
+server's peak resident memory (its process tree) is sampled during each run. Writes JSON and
+PNG plots to --out and shows progress while it runs.
+
+How ours and the built-in are compared (`--server both`): both servers are started on the same
+checkpoint with the same flags (the built-in with VLLM_PLUGINS=none) and stay up together; each
+concurrency level is run `--repeats` times per server, the two servers' runs interleaved in
+ABBA order on the same fresh requests (new images every repeat, so no run is served from a
+cache warmed by an earlier one), with a pause between runs for the idle server's busy-wait loops
+to stop. Interleaving cancels slow drift of the machine; the pairs give the run-to-run spread.
+Per level the report gives each server's mean requests/s with min-max, the ratio of the means,
+and a verdict: "ahead" when ours' slowest run beats the built-in's fastest (ranges apart),
+"at par" when neither is, "behind" when the built-in's slowest beats ours' fastest.
+`--one-at-a-time` runs the servers back to back instead (for machines without the memory for
+both).
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
@@ -134,7 +146,8 @@ async def run_level(base_url: str, model: str, requests: list[dict], concurrency
 def metrics_row(outputs, samples, duration) -> dict:
     from vllm.benchmarks.serve import calculate_metrics
 
-    m, _ = calculate_metrics(samples, outputs, duration, None, [50, 90, 99], {})
+    with contextlib.redirect_stdout(io.StringIO()):  # its "install termplotlib" tip, per run
+        m, _ = calculate_metrics(samples, outputs, duration, None, [50, 90, 99], {})
     pct = lambda values: {f"p{int(p)}": v for p, v in values}
     return {"requests_per_s": m.request_throughput, "output_tokens_per_s": m.output_throughput,
             "completed": m.completed, "errors": m.failed,
@@ -183,28 +196,72 @@ def stop_server(proc) -> None:
         proc.kill()
 
 
-def bench_server(label, base, pid, model, args, side, progress) -> list[dict]:
+def warm_up(base: str, model: str, workload: str, side: int) -> None:
+    """First-request costs (compilation, allocator growth) out of the timings."""
+    asyncio.run(run_level(base, model, make_requests(2, workload, side, seed=10**6), 2))
+
+
+def timed_run(label, base, pid, model, requests, concurrency) -> dict:
+    with PeakMemory(pid) as mem:
+        outputs, samples, duration = asyncio.run(run_level(base, model, requests, concurrency))
+    row = metrics_row(outputs, samples, duration)
+    row.update(server=label, concurrency=concurrency, requests=len(requests),
+               peak_rss_MiB=mem.peak / 2**20 if pid else None)
+    return row
+
+
+def summarize(label: str, concurrency: int, runs: list[dict]) -> dict:
+    rates = [r["requests_per_s"] for r in runs]
+    keys = ("output_tokens_per_s", "completed")
+    summary = {k: float(np.mean([r[k] for r in runs])) for k in keys}
+    summary.update(
+        server=label, concurrency=concurrency, requests=runs[0]["requests"],
+        requests_per_s=float(np.mean(rates)), requests_per_s_min=min(rates),
+        requests_per_s_max=max(rates), spread=(max(rates) - min(rates)) / float(np.mean(rates)),
+        errors=sum(r["errors"] for r in runs),
+        first_error=next((r["first_error"] for r in runs if r["first_error"]), ""),
+        # Latency percentiles pooled the simple way: the median over repeats of each percentile.
+        ttft_ms={p: float(np.median([r["ttft_ms"][p] for r in runs])) for p in runs[0]["ttft_ms"]},
+        itl_ms={p: float(np.median([r["itl_ms"][p] for r in runs])) for p in runs[0]["itl_ms"]},
+        peak_rss_MiB=max((r["peak_rss_MiB"] or 0) for r in runs) or None, runs=runs)
+    return summary
+
+
+def compare(ours: dict, base: dict) -> dict:
+    """Ratios of ours to the built-in at one level, and the verdict against the spread."""
+    pairs = [o["requests_per_s"] / b["requests_per_s"] for o, b in zip(ours["runs"], base["runs"])]
+    if ours["requests_per_s_min"] > base["requests_per_s_max"]:
+        verdict = "ahead"
+    elif base["requests_per_s_min"] > ours["requests_per_s_max"]:
+        verdict = "behind"
+    else:
+        verdict = "at par"
+    return {"concurrency": ours["concurrency"],
+            "requests_per_s": ours["requests_per_s"] / base["requests_per_s"],
+            "pair_min": min(pairs), "pair_max": max(pairs),
+            "spread": max(ours["spread"], base["spread"]),
+            "worst_over_best": ours["requests_per_s_min"] / base["requests_per_s_max"],
+            "verdict": verdict,
+            "peak_rss": (ours["peak_rss_MiB"] or 0) / (base["peak_rss_MiB"] or 1)}
+
+
+def bench(servers: dict, model: str, args, side: int, progress) -> list[dict]:
+    """servers: label -> (base URL, pid). Every level and repeat gets fresh requests, the same
+    for every server; with two servers their runs are interleaved A B B A A B ..."""
     rows = []
-    warm = make_requests(2, args.workload, side, seed=99)
-    asyncio.run(run_level(base, model, warm, 2))  # first-request costs out of the timings
+    labels = list(servers)
     for concurrency in args.concurrency:
         n = max(args.requests, concurrency)
-        requests = make_requests(n, args.workload, side, seed=concurrency)
-        runs = []
+        runs = {label: [] for label in labels}
         for repeat in range(args.repeats):
-            with PeakMemory(pid) as mem:
-                outputs, samples, duration = asyncio.run(run_level(base, model, requests, concurrency))
-            row = metrics_row(outputs, samples, duration)
-            row.update(server=label, concurrency=concurrency, repeat=repeat, requests=n,
-                       peak_rss_MiB=mem.peak / 2**20 if pid else None)
-            runs.append(row)
-            progress.update(1)
-        rates = [r["requests_per_s"] for r in runs]
-        summary = dict(runs[0], requests_per_s=float(np.mean(rates)),
-                       requests_per_s_min=min(rates), requests_per_s_max=max(rates),
-                       errors=sum(r["errors"] for r in runs),
-                       peak_rss_MiB=max((r["peak_rss_MiB"] or 0) for r in runs) or None, runs=runs)
-        rows.append(summary)
+            requests = make_requests(n, args.workload, side, seed=1000 * concurrency + repeat)
+            for label in (labels if repeat % 2 == 0 else labels[::-1]):
+                base, pid = servers[label]
+                if len(labels) > 1:
+                    time.sleep(args.pause)  # the other server's busy-wait loops wind down
+                runs[label].append(timed_run(label, base, pid, model, requests, concurrency))
+                progress.update(1)
+        rows += [summarize(label, concurrency, runs[label]) for label in labels]
     return rows
 
 
@@ -236,25 +293,30 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--server", choices=["ours", "builtin", "both"], default="both")
     ap.add_argument("--url", help="benchmark this running server instead of starting one")
     ap.add_argument("--model", help="checkpoint path (started servers) or served name (--url)")
-    ap.add_argument("--preset", choices=["tiny", "wide"], default="tiny",
+    ap.add_argument("--preset", choices=["tiny", "wide"], default="wide",
                     help="generate this checkpoint when --model is not given")
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="mixed")
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
-    ap.add_argument("--requests", type=int, default=32, help="requests per level (at least the concurrency)")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--requests", type=int, default=16, help="requests per level (at least the concurrency)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per level and server")
+    ap.add_argument("--pause", type=float, default=3.0,
+                    help="seconds between two servers' runs (vLLM's idle busy-wait lasts ~1 s)")
+    ap.add_argument("--one-at-a-time", action="store_true",
+                    help="run the two servers back to back instead of both up, interleaved")
     ap.add_argument("--server-args", default="", help="extra vLLM flags for started servers")
-    ap.add_argument("--out", default="benchmarks/out/serve")
+    ap.add_argument("--out", help="output folder (default benchmarks/out/serve-PRESET-WORKLOAD)")
     args = ap.parse_args(argv)
     from tqdm import tqdm
 
-    out = Path(args.out)
+    out = Path(args.out or f"benchmarks/out/serve-{'url' if args.url else args.preset}-{args.workload}")
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    progress = tqdm(total=len(args.concurrency) * args.repeats * (2 if args.server == "both" and not args.url else 1),
-                    desc="benchmark runs")
+    n_servers = 2 if args.server == "both" and not args.url else 1
+    progress = tqdm(total=len(args.concurrency) * args.repeats * n_servers, desc="benchmark runs")
     if args.url:
         side = int(os.environ.get("OVIS_IMAGE_SIDE", "384"))
-        rows += bench_server("target", args.url, None, args.model or "bench", args, side, progress)
+        warm_up(args.url, args.model or "bench", args.workload, side)
+        rows += bench({"target": (args.url, None)}, args.model or "bench", args, side, progress)
     else:
         model = args.model
         if model is None:
@@ -264,17 +326,25 @@ def main(argv: list[str] | None = None) -> dict:
         side = json.loads((Path(model) / "config.json").read_text())[
             "visual_tokenizer_config"]["backbone_config"]["image_size"]
         kinds = ["ours", "builtin"] if args.server == "both" else [args.server]
-        for kind in kinds:  # back to back, same checkpoint and flags
-            proc, base = start_server(kind, model, args.server_args.split(), out)
+        groups = [[k] for k in kinds] if args.one_at_a_time else [kinds]
+        for group in groups:
+            procs = {}
             try:
-                rows += bench_server(kind, base, proc.pid, "bench", args, side, progress)
+                for kind in group:  # same checkpoint and flags
+                    procs[kind] = start_server(kind, model, args.server_args.split(), out)
+                servers = {}
+                for kind, (proc, base) in procs.items():
+                    warm_up(base, "bench", args.workload, side)
+                    servers[kind] = (base, proc.pid)
+                rows += bench(servers, "bench", args, side, progress)
             finally:
-                stop_server(proc)
+                for proc, _ in procs.values():
+                    stop_server(proc)
     progress.close()
 
     print(f"\n{'server':8} {'conc':>4} {'req/s':>8} {'(min-max)':>15} {'out tok/s':>9} "
           f"{'TTFT p50/p90/p99 ms':>22} {'ITL p50/p99 ms':>16} {'errors':>6} {'peak MiB':>8}")
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (r["server"] != "ours", r["concurrency"])):
         t, i = r["ttft_ms"], r["itl_ms"]
         print(f"{r['server']:8} {r['concurrency']:>4} {r['requests_per_s']:>8.2f} "
               f"{r['requests_per_s_min']:>7.2f}-{r['requests_per_s_max']:<7.2f} {r['output_tokens_per_s']:>9.1f} "
@@ -282,17 +352,15 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['errors']:>6} {r['peak_rss_MiB'] or 0:>8.0f}")
     result = {"args": vars(args), "rows": rows}
     if args.server == "both" and not args.url:
-        ratios = []
-        for ours in (r for r in rows if r["server"] == "ours"):
-            base = next(r for r in rows if r["server"] == "builtin" and r["concurrency"] == ours["concurrency"])
-            ratio = {"concurrency": ours["concurrency"],
-                     "requests_per_s": ours["requests_per_s"] / base["requests_per_s"],
-                     "spread": max((r["requests_per_s_max"] - r["requests_per_s_min"]) / r["requests_per_s"]
-                                   for r in (ours, base)),
-                     "peak_rss": (ours["peak_rss_MiB"] or 0) / (base["peak_rss_MiB"] or 1)}
-            ratios.append(ratio)
-            print(f"ours/builtin at concurrency {ratio['concurrency']}: requests/s {ratio['requests_per_s']:.3f} "
-                  f"(run-to-run spread {ratio['spread']:.1%}), peak memory {ratio['peak_rss']:.3f}")
+        ratios = [compare(o, next(b for b in rows if b["server"] == "builtin"
+                                  and b["concurrency"] == o["concurrency"]))
+                  for o in rows if o["server"] == "ours"]
+        print("\nours / built-in")
+        for r in ratios:
+            print(f"  concurrency {r['concurrency']:>3}: requests/s {r['requests_per_s']:.3f} "
+                  f"(pairs {r['pair_min']:.3f}-{r['pair_max']:.3f}, run-to-run spread up to "
+                  f"{r['spread']:.1%}, ours' slowest / built-in's fastest {r['worst_over_best']:.3f}: "
+                  f"{r['verdict']}), peak memory {r['peak_rss']:.3f}")
         result["ratios"] = ratios
     (out / "serve.json").write_text(json.dumps(result, indent=2))
     plot(rows, out / "serve.png")

@@ -3,8 +3,10 @@
 Methods, all in one run on the same inputs:
   unfused  vLLM 0.32's built-in way (full LN, softmax and padded copies, then one matmul)
   chunked  our exact CPU path (row chunks within OVIS_VISUAL_EMBED_CHUNK_MB)
+  packed   the same with the VTE packed once for oneDNN (kernels.PackedMatrix), as served on CPU;
+           packing is done before timing, like weight loading, and replaces the VTE copy
   triton   our fused kernels (CUDA only)
-  gemm     a plain [N, V] x [V, D] matmul in the same dtype: the floor nothing can beat
+  gemm     a plain [N, V] x [V, D] torch.matmul in the same dtype: the floor for unpacked weights
 For each: median wall time, TFLOP/s (nominal 2*N*V*D for every method, so the figures compare
 directly), fraction of the GEMM floor (t_gemm / t), peak extra memory during one call (including
 the [N, D] output; the inputs exist before), and the relative difference to the unfused result.
@@ -105,6 +107,9 @@ def methods_for(device: torch.device, args, gemm_input):
         "unfused": lambda: ve.visual_embedding_unfused(logits, w, b, vte, EPS),
         "chunked": lambda: ve.visual_embedding_chunked(logits, w, b, vte, EPS),
     }
+    if ve.PackedMatrix.supported(vte):
+        packed = ve.PackedMatrix(vte[: logits.shape[1]])
+        m["packed"] = lambda: ve.visual_embedding_chunked(logits, w, b, packed, EPS)
     if device.type == "cuda":
         m["triton"] = lambda: ve.visual_embedding_triton(logits, w, b, vte, EPS)
     m["gemm"] = lambda: torch.matmul(gemm_input, vte)

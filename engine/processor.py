@@ -177,16 +177,19 @@ class OvisMultiModalProcessor(BaseMultiModalProcessor[OvisProcessingInfo]):
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
         opts = self.info.processor_options(hf_kwargs)
         side = self.info.image_side
+        # The model casts pixels to its dtype before anything else; casting here gives the same
+        # values and halves (bf16) what the processor caches keep and what goes to the engine.
+        dtype = self.info.ctx.model_config.dtype
         pixels, grids = [], []
         for index, image in enumerate(hf_data.get("images", [])):
             try:
                 px, grid = preprocess_image(_as_pil(image), side, **opts)
             except ValueError as exc:
                 raise ValueError(f"image {index}: {exc}") from exc
-            pixels.append(px)
+            pixels.append(px.to(dtype))
             grids.append(grid)
         return BatchFeature({
-            "pixel_values": torch.cat(pixels) if pixels else torch.empty(0, 3, side, side),
+            "pixel_values": torch.cat(pixels) if pixels else torch.empty(0, 3, side, side, dtype=dtype),
             "grids": torch.tensor(grids, dtype=torch.long).reshape(-1, 2),
         })
 

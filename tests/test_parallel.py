@@ -46,9 +46,10 @@ def test_each_rank_holds_its_vocabulary_slice(tp2_llm, tiny_checkpoint):
     vocab = json.loads((tiny_checkpoint / "config.json").read_text())["visual_tokenizer_config"]["vocab_size"]
     shapes = tp2_llm.apply_model(shard_shapes)
     half = -(-(vocab - 5) // 2)
-    assert [s[0][0] for s in shapes] == [half, half]
-    assert [s[1][0] for s in shapes] == [half, half]
+    assert [s[0][0] for s in shapes] == [half, half]  # VTE rows, zero-padded to equal slices
+    assert [s[1][0] for s in shapes] == [s[2] for s in shapes]  # head: just the valid columns
     assert sum(s[2] for s in shapes) == vocab - 5  # every column on exactly one rank
+    assert max(s[2] for s in shapes) == half
 
 
 def test_tp2_equals_single_rank(llm, tp2_llm):

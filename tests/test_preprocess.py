@@ -409,3 +409,22 @@ def test_bad_normalization_options(bad):
 def test_not_an_image():
     with pytest.raises(TypeError):
         preprocess_image(np.zeros((10, 10, 3), np.uint8), 384)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_processor_sends_pixels_in_the_model_dtype(tiny_checkpoint, dtype):
+    """The processor casts the pixels to the model's dtype (the model's first step), so its
+    caches and the engine get half the bytes in bf16, with exactly the values the model uses."""
+    import engine
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    engine.register()
+    config = ModelConfig(model=str(tiny_checkpoint), dtype=dtype)
+    processor = MULTIMODAL_REGISTRY.create_processor(config)
+    rng = np.random.default_rng()
+    images = [make_image("RGB", 228, 152, rng), make_image("RGB", 40, 70, rng)]
+    out = processor._call_hf_processor({"images": images}, {})
+    expected = [preprocess_image(image, 76) for image in images]
+    assert torch.equal(out["pixel_values"], torch.cat([px for px, _ in expected]).to(config.dtype))
+    assert out["grids"].tolist() == [list(grid) for _, grid in expected]

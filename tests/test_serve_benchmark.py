@@ -17,5 +17,7 @@ def test_serve_benchmark_smoke(tiny_checkpoint, tmp_path):
     for row in result["rows"]:
         assert row["errors"] == 0 and row["completed"] == 3, row["first_error"]
         assert row["requests_per_s"] > 0 and row["peak_rss_MiB"] > 0
-    assert len(result["ratios"]) == 1
+    (ratio,) = result["ratios"]
+    assert ratio["concurrency"] == 2 and ratio["verdict"] in {"ahead", "at par", "behind"}
+    assert ratio["pair_min"] <= ratio["requests_per_s"] * 1.0001 and ratio["peak_rss"] > 0
     assert (tmp_path / "serve.json").exists() and (tmp_path / "serve.png").exists()
