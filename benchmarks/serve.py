@@ -33,6 +33,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -265,7 +266,7 @@ def bench(servers: dict, model: str, args, side: int, progress) -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -284,6 +285,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("concurrency")
         ax.set_title(title)
         ax.legend()
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -363,9 +365,12 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{r['verdict']}), peak memory {r['peak_rss']:.3f}")
         result["ratios"] = ratios
     (out / "serve.json").write_text(json.dumps(result, indent=2))
-    plot(rows, out / "serve.png")
+    what = f"{args.url} ({args.workload})" if args.url else f"{args.preset} preset, {args.workload} workload"
+    plot(rows, out / "serve.png", f"Ovis serving, ours vs vLLM's built-in: {what}")
     return result
 
 
 if __name__ == "__main__":
+    # A plain `kill` must still run the `finally` that stops the servers this script started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     main()
