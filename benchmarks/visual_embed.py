@@ -257,7 +257,8 @@ def main():
     os.makedirs(a.out, exist_ok=True)
 
     from tqdm import tqdm
-    n_methods = 4 if device.type == "cuda" else 3
+    # unfused, chunked, gemm + triton (CUDA) or packed (CPU with vLLM's oneDNN ops)
+    n_methods = 4 if device.type == "cuda" or ve.PackedMatrix.supported(torch.zeros(1, 1)) else 3
     rows = []
     with tqdm(total=len(sizes) * len(dtypes) * n_methods, desc="visual_embed") as progress:
         for dtype_name in dtypes:
