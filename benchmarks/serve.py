@@ -66,7 +66,7 @@ def make_requests(n: int, workload: str, side: int, seed: int = 0) -> list[dict]
         text = f"Request {i}. " + " ".join(["Describe the image in detail."] * max(1, words // 5))
         out.append({"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}],
-            "max_tokens": max_tokens, "grid": f"{rows}x{cols}"})
+            "max_tokens": max_tokens})
     return out
 
 
@@ -213,12 +213,13 @@ def timed_run(label, base, pid, model, requests, concurrency) -> dict:
 
 def summarize(label: str, concurrency: int, runs: list[dict]) -> dict:
     rates = [r["requests_per_s"] for r in runs]
+    mean_rate = float(np.mean(rates))
     keys = ("output_tokens_per_s", "completed")
     summary = {k: float(np.mean([r[k] for r in runs])) for k in keys}
     summary.update(
         server=label, concurrency=concurrency, requests=runs[0]["requests"],
-        requests_per_s=float(np.mean(rates)), requests_per_s_min=min(rates),
-        requests_per_s_max=max(rates), spread=(max(rates) - min(rates)) / float(np.mean(rates)),
+        requests_per_s=mean_rate, requests_per_s_min=min(rates),
+        requests_per_s_max=max(rates), spread=(max(rates) - min(rates)) / mean_rate,
         errors=sum(r["errors"] for r in runs),
         first_error=next((r["first_error"] for r in runs if r["first_error"]), ""),
         # Latency percentiles pooled the simple way: the median over repeats of each percentile.

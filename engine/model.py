@@ -73,9 +73,16 @@ def _sharded_param(shard: VocabShard, *shape: int) -> nn.Parameter:
     return param
 
 
-def _drop(param: nn.Parameter) -> None:
-    """Free a weight that now lives in a PackedMatrix (keeps its dtype; shape [0, ...])."""
+def _pack_for_cpu(param: nn.Parameter, valid: int, transpose: bool) -> PackedMatrix | None:
+    """The first `valid` rows of `param` (transposed if asked) packed for oneDNN, with `param`
+    itself freed (dtype kept, shape [0, ...]); None, and `param` kept, where packing is not
+    available (CUDA, fp16, no vLLM CPU ops)."""
+    weight = param[:valid]
+    if not PackedMatrix.supported(weight):
+        return None
+    packed = PackedMatrix(weight.t() if transpose else weight)
     param.data = param.data.new_empty((0, *param.shape[1:]))
+    return packed
 
 
 class ShardedHeadLinear(nn.Module):
@@ -91,10 +98,7 @@ class ShardedHeadLinear(nn.Module):
         self.packed: PackedMatrix | None = None
 
     def pack_for_cpu(self) -> None:
-        weight = self.weight[: self.shard.valid]
-        if PackedMatrix.supported(weight):
-            self.packed = PackedMatrix(weight.t())
-            _drop(self.weight)
+        self.packed = _pack_for_cpu(self.weight, self.shard.valid, transpose=True)
 
     @property
     def weight_shape(self) -> tuple[int, int]:
@@ -133,10 +137,7 @@ class ShardedVTE(nn.Module):
     def pack_for_cpu(self) -> None:
         """Single rank on CPU: the softmax rows go to oneDNN once (kernels.PackedMatrix), the
         chunked CPU path multiplies by them. (The tensor-parallel pieces keep the tensor.)"""
-        rows = self.rows[: self.shard.valid]
-        if PackedMatrix.supported(rows):
-            self.packed = PackedMatrix(rows)
-            _drop(self.rows)
+        self.packed = _pack_for_cpu(self.rows, self.shard.valid, transpose=False)
 
     @property
     def table(self) -> "torch.Tensor | PackedMatrix":

@@ -17,8 +17,6 @@ def start_two_rank_engine(checkpoint, **parallel):
     """An engine over 2 ranks on vLLM's CPU backend, each rank's OpenMP pool on its own core."""
     old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
-    # apply_model() ships a function to the workers (pickle): tests only.
-    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     try:
         return make_llm(checkpoint, max_num_seqs=8, distributed_executor_backend="mp", **parallel)
     finally:
