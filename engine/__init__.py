@@ -1,9 +1,13 @@
 """Ovis for vLLM: a general plugin that registers our reference-exact Ovis implementation.
 
 vLLM calls `register()` in every process it starts (API server, engine core, workers); it only
-records a lazy `module:class` path, so calling it again is harmless. To run vLLM's built-in Ovis
-instead (for comparisons), start vLLM with `VLLM_PLUGINS=none`. The plugin also selects our
-media connector (VLLM_MEDIA_CONNECTOR=ovis, unless set) for `image_url` inputs.
+records lazy `module:class` paths, so calling it again is harmless. It registers
+- our Ovis model and processor for the "Ovis" architecture (engine/model.py; checkpoints we do
+  not implement yet are handed to vLLM's built-in Ovis there);
+- our renderer for vLLM's "hf" renderer mode (engine/renderer.py): it tokenizes Ovis prompts the
+  reference's way and behaves exactly as vLLM's for every other model;
+- our media connector for `image_url` inputs (VLLM_MEDIA_CONNECTOR=ovis, unless set).
+To run vLLM's built-in Ovis instead (for comparisons), start vLLM with `VLLM_PLUGINS=none`.
 """
 
 OVIS_ARCHITECTURE = "Ovis"
@@ -14,8 +18,11 @@ def register() -> None:
     import os
 
     from vllm import ModelRegistry
+    from vllm.renderers.registry import RENDERER_REGISTRY
 
     # Image URLs decoded as the reference sees them, under a URL policy (engine/media.py).
     os.environ.setdefault("VLLM_MEDIA_CONNECTOR", "ovis")
     ModelRegistry.register_model(OVIS_ARCHITECTURE, OVIS_MODEL_PATH)
+    # Set directly: RendererRegistry.register() would log an "overwritten" warning per process.
+    RENDERER_REGISTRY.renderers["hf"] = ("engine.renderer", "OvisHfRenderer")
     from . import media  # noqa: F401  registers the "ovis" media connector (VLLM_MEDIA_CONNECTOR=ovis)

@@ -1,13 +1,18 @@
-"""Ovis1.6 for vLLM, computing what the reference model computes (REFERENCE.md).
+"""Ovis1.6 for vLLM, computing what the reference model computes (docs/reference.md).
 
     pixels -> SigLIP (last encoder layer, no post-LayerNorm) -> hidden_stride merge
            -> head Linear -> [LayerNorm -> softmax -> (+5 zero columns) @ VTE]   (kernels/)
-    image  -> [indicator rows and per-crop embeddings in the reference layout] * sqrt(hidden)
-    prompt -> Gemma2 with those embeddings over the image's placeholder positions
+    image  -> [indicator rows and per-crop embeddings in the reference layout]
+              (* sqrt(hidden) where the LLM scales its input embeddings: Gemma2)
+    prompt -> the LLM (Gemma2, Llama) with those embeddings over the image's placeholder positions
 
-Where this differs from vLLM's built-in Ovis (items 1-3 of REFERENCE.md's list): indicators take
-VTE rows V-5..V-1 in the reference order, SigLIP's post-LayerNorm is skipped, and visual rows get
-Gemma2's sqrt(hidden_size) embedding scale like the text rows.
+What differs per member (LLM, pad token, embedding scale) comes from engine/members.py. A
+checkpoint with no row there (Ovis2, Ovis1.5) is built as vLLM's built-in Ovis instead, with one
+log line, so installing the plugin never loses a checkpoint that vLLM alone serves.
+
+Where this differs from vLLM's built-in Ovis: indicators take VTE rows V-5..V-1 in the reference
+order, SigLIP's post-LayerNorm is skipped, visual rows get Gemma2's sqrt(hidden_size) embedding
+scale like the text rows, and a quantized checkpoint's quantization applies to the LLM only.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from vllm.distributed import (
     tensor_model_parallel_all_gather,
     tensor_model_parallel_all_reduce,
 )
+from vllm.logger import init_logger
+from vllm.model_executor.models import ovis as builtin_ovis
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal, SupportsPP
 from vllm.model_executor.models.siglip import SiglipVisionModel
 from vllm.model_executor.models.utils import AutoWeightsLoader, init_vllm_registered_model, maybe_prefix
@@ -41,8 +48,11 @@ from kernels import (
     visual_embedding,
 )
 
+from .members import builtin_fallback_message, member_of
 from .placeholders import IMAGE_ATOM, IMAGE_TOKEN, NUM_INDICATORS, image_layout, indicator_vte_row
-from .processor import OvisDummyInputsBuilder, OvisMultiModalProcessor, OvisProcessingInfo
+from .processor import dummy_inputs_for, processing_info_for, processor_for
+
+logger = init_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -159,11 +169,12 @@ class OvisVisualTokenizer(nn.Module):
     The LayerNorm (`head.1`) is applied inside the visual-embedding kernel, fused with the
     softmax and the VTE product."""
 
-    def __init__(self, config, shard: VocabShard, quant_config=None, prefix: str = ""):
+    def __init__(self, config, shard: VocabShard, prefix: str = ""):
         super().__init__()
         self.hidden_stride = config.hidden_stride
         # Ovis reads hidden_states[-1]: the last encoder layer BEFORE SigLIP's post-LayerNorm.
-        self.backbone = SiglipVisionModel(config.backbone_config, quant_config,
+        # Unquantized: the GPTQ releases quantize the LLM only.
+        self.backbone = SiglipVisionModel(config.backbone_config, None,
                                           require_post_norm=False, prefix=maybe_prefix(prefix, "backbone"))
         in_features = config.backbone_config.hidden_size * self.hidden_stride**2
         self.head = nn.Sequential(ShardedHeadLinear(in_features, shard), ShardedLayerNorm(shard))
@@ -186,9 +197,15 @@ class OvisVisualTokenizer(nn.Module):
         return self.head[0](features)
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    OvisMultiModalProcessor, info=OvisProcessingInfo, dummy_inputs=OvisDummyInputsBuilder)
+@MULTIMODAL_REGISTRY.register_processor(processor_for, info=processing_info_for, dummy_inputs=dummy_inputs_for)
 class Ovis(nn.Module, SupportsMultiModal, SupportsPP):
+    def __new__(cls, *, vllm_config: VllmConfig, prefix: str = ""):
+        config = vllm_config.model_config.hf_config
+        if member_of(config) is None:
+            logger.warning(builtin_fallback_message(config))
+            return builtin_ovis.Ovis(vllm_config=vllm_config, prefix=prefix)
+        return super().__new__(cls)
+
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
         if modality.startswith("image"):
@@ -199,11 +216,17 @@ class Ovis(nn.Module, SupportsMultiModal, SupportsPP):
         super().__init__()
         config = vllm_config.model_config.hf_config
         self.config = config
+        member = member_of(config)
+        # Gemma2 multiplies the whole merged input sequence by sqrt(hidden_size) in the reference;
+        # vLLM's Gemma2 does it only inside its token lookup, so visual rows get it here.
+        self.visual_scale = config.hidden_size**0.5 if member.scales_visual_embeddings else None
         max_len = vllm_config.model_config.max_model_len
         if max_len > config.multimodal_max_length:
             raise ValueError(
                 f"max_model_len {max_len} exceeds this checkpoint's multimodal_max_length "
-                f"{config.multimodal_max_length}; the reference model never sees longer sequences")
+                f"{config.multimodal_max_length}; the reference model never sees longer sequences: "
+                f"pass --max-model-len {config.multimodal_max_length} or less (server.py does "
+                f"when none is given)")
 
         with self._mark_language_model(vllm_config):
             self.llm = init_vllm_registered_model(
@@ -218,8 +241,7 @@ class Ovis(nn.Module, SupportsMultiModal, SupportsPP):
         shard = self.shards[self.tp_rank]
         with self._mark_tower_model(vllm_config, "image"):
             self.visual_tokenizer = OvisVisualTokenizer(
-                config.visual_tokenizer_config, shard, vllm_config.quant_config,
-                prefix=maybe_prefix(prefix, "visual_tokenizer"))
+                config.visual_tokenizer_config, shard, prefix=maybe_prefix(prefix, "visual_tokenizer"))
             self.vte = ShardedVTE(shard, vocab, config.hidden_size)
         self.make_empty_intermediate_tensors = self.llm.make_empty_intermediate_tensors
 
@@ -244,14 +266,15 @@ class Ovis(nn.Module, SupportsMultiModal, SupportsPP):
         return (product / (sums * scales).sum(dim=1, keepdim=True)).to(rows.dtype)
 
     def _image_embeddings(self, logits: torch.Tensor, grids: list[tuple[int, int]]) -> list[torch.Tensor]:
-        """Lay out indicators and crop embeddings per image, scaled like Gemma2's text rows."""
+        """Lay out indicators and crop embeddings per image, scaled like the LLM's text rows."""
         vocab, per_crop = self.vte.vocab, logits.shape[1]
         crop_embeds = self._crop_embeddings(logits.flatten(0, 1))
         # One table holding every crop token's embedding followed by the 5 indicator rows, so an
         # image is a single gather in the reference order.
         table = torch.cat([crop_embeds, self.vte.indicators])
         indicator_base = crop_embeds.shape[0] - (vocab - NUM_INDICATORS)
-        normalizer = self.llm.model.normalizer
+        if self.visual_scale is not None:  # in the embeddings' dtype, as the reference
+            table = table * torch.tensor(self.visual_scale, dtype=table.dtype)
         images, next_crop = [], 0
         for grid in grids:
             index = []
@@ -262,7 +285,7 @@ class Ovis(nn.Module, SupportsMultiModal, SupportsPP):
                 else:
                     index.append(indicator_base + indicator_vte_row(item, vocab))
             rows = torch.tensor(index, device=table.device)
-            images.append(table.index_select(0, rows) * normalizer)
+            images.append(table.index_select(0, rows))
         return images
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:

@@ -1,12 +1,12 @@
-"""The reference model's per-image placeholder layout (REFERENCE.md, "Placeholder ids").
+"""The reference model's per-image placeholder layout (docs/reference.md, "Placeholder ids").
 
 An image becomes a run of visual positions: indicator embeddings (plain VTE rows) around
 "atoms", each atom standing for one crop's visual tokens. In the prompt the whole run is
-filled with `<unused0>` (Gemma id 7); the model writes the embeddings over it.
+filled with the member's image pad token (engine/members.py); the model writes the embeddings
+over it.
 """
 
 IMAGE_TOKEN = "<image>"
-IMAGE_PAD_ID = 7  # Gemma's <unused0>
 
 IMAGE_ATOM = -300
 IMAGE_START, CROPS_START, COL_SEP, ROW_SEP, IMAGE_END = -301, -302, -303, -304, -305

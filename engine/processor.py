@@ -1,10 +1,10 @@
-"""vLLM multimodal processor for Ovis: images -> crops + grid, `<image>` -> placeholder run.
+"""vLLM multimodal processor for Ovis: images -> crops + grid, image marker -> placeholder run.
 
-The renderer has already tokenized the prompt; the `<image>` marker is one token there (the
-tokenizer knows it as an added token, so text on either side is tokenized separately, as the
-reference does). Each marker is replaced by `num_image_tokens(grid)` copies of `<unused0>`,
-and the model's `embed_multimodal` returns exactly that many embeddings per image, indicators
-included, in the reference's order.
+The renderer has tokenized the prompt the reference's way (engine/renderer.py): each `<image>`
+is one id there, the member's image pad token (engine/members.py). Each is replaced by
+`num_image_tokens(grid)` copies of it, and the model's `embed_multimodal` returns exactly that
+many embeddings per image, indicators included, in the reference's order. Prompts given as
+token ids mark images with the pad token id.
 
 Per-server options (``--mm-processor-kwargs``) and per-request ``mm_processor_kwargs``:
 ``max_partition`` (default 9), ``covering_threshold`` (default 0.9), ``max_pixels``.
@@ -12,6 +12,7 @@ Per-server options (``--mm-processor-kwargs``) and per-request ``mm_processor_kw
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch
 from PIL import Image
 from transformers import BatchFeature
 
+from vllm.model_executor.models import ovis as builtin_ovis
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.media.base import MediaWithBytes
 from vllm.multimodal.parse import ImageProcessorItems, ImageSize, MultiModalDataItems, MultiModalDataParser
@@ -27,11 +29,11 @@ from vllm.multimodal.processing import (
     BaseMultiModalProcessor,
     BaseProcessingInfo,
     PromptReplacement,
-    cached_encode,
 )
 from vllm.renderers import TokenizeParams
 
-from .placeholders import IMAGE_PAD_ID, IMAGE_TOKEN, num_crops, num_image_tokens, tokens_per_crop
+from .members import Member, image_pad_id, member_of
+from .placeholders import IMAGE_TOKEN, num_crops, num_image_tokens, tokens_per_crop
 from .preprocess import DEFAULT_MAX_PIXELS, preprocess_image
 
 DEFAULT_MAX_PARTITION = 9
@@ -70,6 +72,17 @@ class OvisDataParser(MultiModalDataParser):
 
 class OvisProcessingInfo(BaseProcessingInfo):
     @property
+    def member(self) -> Member:
+        member = member_of(self.get_hf_config())
+        assert member is not None, "vLLM's built-in processes checkpoints without a member row"
+        return member
+
+    @functools.cached_property
+    def image_pad_id(self) -> int:
+        """The one id that marks an image in a tokenized prompt and fills its positions."""
+        return image_pad_id(self.get_tokenizer(), self.member)
+
+    @property
     def backbone_config(self):
         return self.get_hf_config().visual_tokenizer_config.backbone_config
 
@@ -81,10 +94,6 @@ class OvisProcessingInfo(BaseProcessingInfo):
     def tokens_per_crop(self) -> int:
         cfg = self.get_hf_config().visual_tokenizer_config
         return tokens_per_crop(self.image_side, self.backbone_config.patch_size, cfg.hidden_stride)
-
-    def image_marker_ids(self) -> list[int]:
-        """The token ids of `<image>` in a tokenized prompt (one added token in our checkpoints)."""
-        return cached_encode(self.get_tokenizer(), IMAGE_TOKEN, add_special_tokens=False)
 
     def get_default_tok_params(self) -> TokenizeParams:
         # The chat template writes <bos> itself, as the reference's formatter does.
@@ -137,18 +146,14 @@ class OvisProcessingInfo(BaseProcessingInfo):
 
 class OvisDummyInputsBuilder(BaseDummyInputsBuilder[OvisProcessingInfo]):
     def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
-        return IMAGE_TOKEN * mm_counts.get("image", 0)
+        # Tokenized whole by vLLM (not by our renderer): the pad token is one special token.
+        return self.info.member.image_pad_token * mm_counts.get("image", 0)
 
     def get_dummy_mm_data(self, seq_len, mm_counts, mm_options):
         size = self.info.get_image_size_with_most_features()
         return {"image": self._get_dummy_images(
             width=size.width, height=size.height, num_images=mm_counts.get("image", 0),
             overrides=mm_options.get("image") if mm_options else None)}
-
-
-def _count_subsequence(seq: list[int], sub: list[int]) -> int:
-    n = len(sub)
-    return sum(1 for i in range(len(seq) - n + 1) if seq[i:i + n] == sub)
 
 
 def _as_pil(image: object) -> Image.Image:
@@ -168,7 +173,7 @@ class OvisMultiModalProcessor(BaseMultiModalProcessor[OvisProcessingInfo]):
         # vLLM checks that every image finds a marker, not that every marker gets an image; a
         # marker left over would reach the model as plain text. The reference raises here too.
         images = inputs.mm_data_items.get_all_counts().get("image", 0)
-        markers = _count_subsequence(inputs.prompt, self.info.image_marker_ids())
+        markers = inputs.prompt.count(self.info.image_pad_id)
         if markers != images:
             raise ValueError(f"the prompt has {markers} {IMAGE_TOKEN} marker(s) but {images} "
                              f"image(s) were given; each image needs exactly one marker")
@@ -204,14 +209,31 @@ class OvisMultiModalProcessor(BaseMultiModalProcessor[OvisProcessingInfo]):
 
     def _get_prompt_updates(self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs,
                             out_mm_kwargs: MultiModalKwargsItems) -> list[PromptReplacement]:
-        per_crop = self.info.tokens_per_crop
+        per_crop, pad_id = self.info.tokens_per_crop, self.info.image_pad_id
 
         def replacement(item_idx: int) -> list[int]:
             grid = tuple(out_mm_kwargs["image"][item_idx]["grids"].data.tolist())
-            return [IMAGE_PAD_ID] * num_image_tokens(grid, per_crop)
+            return [pad_id] * num_image_tokens(grid, per_crop)
 
-        return [PromptReplacement(
-            modality="image",
-            target=self.info.image_marker_ids(),
-            replacement=replacement,
-        )]
+        return [PromptReplacement(modality="image", target=[pad_id], replacement=replacement)]
+
+
+# vLLM builds the processor of the registered "Ovis" class through these three factories. A
+# checkpoint without a member row (engine/members.py) gets vLLM's built-in processor, to go with
+# the built-in model that engine/model.py builds for it.
+def processing_info_for(ctx) -> BaseProcessingInfo:
+    if member_of(ctx.get_hf_config()) is None:
+        return builtin_ovis.OvisProcessingInfo(ctx)
+    return OvisProcessingInfo(ctx)
+
+
+def dummy_inputs_for(info: BaseProcessingInfo) -> BaseDummyInputsBuilder:
+    if isinstance(info, OvisProcessingInfo):
+        return OvisDummyInputsBuilder(info)
+    return builtin_ovis.OvisDummyInputsBuilder(info)
+
+
+def processor_for(info: BaseProcessingInfo, dummy_inputs: BaseDummyInputsBuilder, **kwargs):
+    if isinstance(info, OvisProcessingInfo):
+        return OvisMultiModalProcessor(info, dummy_inputs, **kwargs)
+    return builtin_ovis.OvisMultiModalProcessor(info, dummy_inputs, **kwargs)

@@ -1,0 +1,69 @@
+"""The reference's tokenization for Ovis prompts given as text, whatever the tokenizer knows.
+
+AIDC-AI's formatter writes the conversation as text, splits it on the literal `<image>` and
+tokenizes each piece on its own (add_special_tokens=False), an image placeholder between pieces.
+Published checkpoints ship the base LLM's tokenizer, which has no `<image>` token: tokenizing the
+whole text lets BPE merge across the marker's edges (">\\n", "\\n<", ">D") and gives other ids
+than the reference. vLLM turns text prompts into ids in one place, its renderer's
+`_tokenize_prompt` (chat, completions and `LLM.generate` alike; the async path runs the same
+method in a thread). This subclass of vLLM's HF renderer tokenizes there the reference's way for
+the checkpoints this plugin implements (engine/members.py) and leaves every other model to vLLM.
+
+Each marker becomes one id, the member's image pad token, which the processor expands to the
+image's positions. Refused with a clear error, as the reference refuses them:
+- `<image>` in a prompt that carries no image (the reference's image count check fails);
+- the pad token written as text in a prompt with images (it would be taken for a marker).
+"""
+
+from __future__ import annotations
+
+from vllm.renderers.hf import HfRenderer
+
+from .members import image_pad_id, member_of
+from .placeholders import IMAGE_TOKEN
+
+from . import OVIS_ARCHITECTURE
+
+
+def reference_token_ids(tokenizer, text: str, marker_id: int, pad_token: str) -> list[int]:
+    """The pieces of `text` between `<image>` markers, each tokenized on its own without special
+    tokens, with `marker_id` between pieces."""
+    pieces = text.split(IMAGE_TOKEN)
+    encoded = tokenizer(pieces, add_special_tokens=False)["input_ids"]
+    ids: list[int] = []
+    for i, piece_ids in enumerate(encoded):
+        if marker_id in piece_ids:
+            raise ValueError(f"the prompt contains the image pad token {pad_token!r} as text; it "
+                             f"is reserved for image positions: mark images with {IMAGE_TOKEN}")
+        if i:
+            ids.append(marker_id)
+        ids.extend(piece_ids)
+    return ids
+
+
+class OvisHfRenderer(HfRenderer):
+    def __init__(self, config, tokenizer) -> None:
+        super().__init__(config, tokenizer)
+        model_config = config.model_config
+        member = None
+        if OVIS_ARCHITECTURE in (model_config.architectures or []) and self.tokenizer is not None:
+            member = member_of(model_config.hf_config)
+        self._ovis_member = member
+        self._ovis_pad_id = image_pad_id(self.tokenizer, member) if member else None
+
+    def _tokenize_prompt(self, prompt, params):
+        text = prompt["prompt"]
+        has_images = bool(prompt.get("multi_modal_data"))
+        if self._ovis_member is None or not (has_images or IMAGE_TOKEN in text):
+            return super()._tokenize_prompt(prompt, params)
+        if not has_images:
+            raise ValueError(
+                f"the prompt contains {IMAGE_TOKEN} but no image was given; each {IMAGE_TOKEN} "
+                "marks where an image goes (the reference model refuses this prompt too)")
+        ids = reference_token_ids(self.tokenizer, text, self._ovis_pad_id,
+                                  self._ovis_member.image_pad_token)
+        if params.add_special_tokens:
+            # What the tokenizer would wrap a whole text in (e.g. a leading <bos>); chat prompts
+            # are tokenized without, as the reference's template writes <bos> itself.
+            ids = self.tokenizer.build_inputs_with_special_tokens(ids)
+        return self._build_tokens_prompt(ids, prompt)
