@@ -1,14 +1,29 @@
-"""Ovis1.6-Gemma2-shaped checkpoints with random weights, for tests and benchmarks.
+"""Ovis checkpoints with random weights, shaped like the published ones, for tests and benchmarks.
 
-Model hubs are out of reach on our CI machines, so every test builds its own checkpoint.
-What is written mirrors AIDC-AI/Ovis1.6-Gemma2-9B: the same config.json schema
-(`model_type: ovis`, `llm_config`, `visual_tokenizer_config` with a SigLIP `backbone_config`),
-the same tensor names (`llm.model.*`, `visual_tokenizer.backbone.vision_model.*`,
-`visual_tokenizer.head.{0,1}.*`, `vte.weight`), a SigLIP `preprocessor_config.json`, and a
-byte-level BPE tokenizer with Gemma's special-token layout (`<pad>` 0, `<eos>` 1, `<bos>` 2,
-`<unused0>` 7, `<start_of_turn>` 106, `<end_of_turn>` 107) and the reference chat template.
+Model hubs are out of reach on our CI machines, so every test builds its own checkpoint. Each
+preset mirrors a published AIDC-AI checkpoint at small widths: the config.json layout (sorted
+keys, `llm_config` / `visual_tokenizer_config` / `backbone_config` as full dicts with the generic
+transformers 4.44 fields, as AIDC-AI's files have them), the tensor names
+(`llm.model.*`, `visual_tokenizer.backbone.vision_model.*`, `visual_tokenizer.head.{0,1}.*`,
+`vte.weight`), the SigLIP `preprocessor_config.json` byte for byte, generation_config.json, and a
+tokenizer of the base LLM's kind with its special tokens at their real ids and no `<image>`
+token (engine/tokenizer_mirrors.py). docs/reference.md says what was read from the published
+files and what is inferred.
 
-    python -m engine.checkpoint OUT_DIR --preset tiny --seed 0
+Presets (`--preset`):
+  ovis1.6-gemma2-9b             Gemma2 (sqrt(hidden) embedding scale), Gemma tokenizer
+  ovis1.6-gemma2-27b            as 9B, with query_pre_attn_scalar = hidden / heads != head_dim
+  ovis1.6-llama3.2-3b           Llama 3.2 (llama3 RoPE scaling, tied embeddings), Llama 3 tokenizer
+  ovis1.6-gemma2-9b-gptq-int4   the 9B with its LLM layers GPTQ-quantized (4 bit, group 128)
+  ovis1.6-llama3.2-3b-gptq-int4 the 3B likewise
+  ovis2-1b                      Ovis2-1B-shaped: AIMv2 (AIDC-AI's module names) + Qwen2.5, Qwen2
+                                tokenizer, CLIP preprocessor config; served by vLLM's built-in
+                                until the plugin implements Ovis2
+  tiny                          the embedded default model: Gemma2-9B-shaped, and a byte-level BPE
+                                tokenizer with Gemma's special ids that knows `<image>`
+  wide                          Ovis1.6-Gemma2-9B's real widths, one layer each, for benchmarks
+
+    python -m engine.checkpoint OUT_DIR --preset ovis1.6-llama3.2-3b --seed 0
 """
 
 from __future__ import annotations
@@ -23,39 +38,25 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .chat_template import CHAT_TEMPLATE
-from .placeholders import IMAGE_PAD_ID, IMAGE_TOKEN, NUM_INDICATORS
+from .chat_template import GEMMA_CHAT_TEMPLATE
+from .placeholders import NUM_INDICATORS
 
-# Gemma's special-token layout; the ids matter (prompts, stop tokens, the image pad token).
-GEMMA_SPECIALS = (
-    ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<2mass>", "[@BOS@]"]
-    + [f"<unused{i}>" for i in range(99)]
-    + ["<start_of_turn>", "<end_of_turn>"]
-)
+# Gemma's and Llama 3's ids that the configs name.
 PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
 START_OF_TURN_ID, END_OF_TURN_ID = 106, 107
-
-# Text the BPE merges are learned from: enough for short English prompts to take few tokens.
-_CORPUS = """\
-Describe the image in detail. What is shown in this picture? How many objects are there?
-The quick brown fox jumps over the lazy dog. A photo of a cat sitting on a red sofa.
-Read the text in the image and answer the question. Which color is the car on the left?
-Compare the two images and list the differences. Summarize the chart and its main trend.
-There is a small house near the river, with trees and mountains in the background.
-Please answer in one short sentence. The answer is yes. The answer is no. Thank you.
-"""
-
+LLAMA3_BOS_ID, LLAMA3_EOS_IDS = 128000, [128001, 128008, 128009]
 
 @dataclass(frozen=True)
 class Preset:
-    text_vocab: int  # BPE vocabulary incl. specials; the LLM vocab equals it
+    llm: str        # "gemma2" | "llama" | "qwen2"
+    tokenizer: str  # "gemma" | "llama3" | "qwen2" | "bytelevel-image" (the `tiny` one, knows <image>)
+    text_vocab: int  # the LLM vocabulary; equals the tokenizer's size
     hidden: int
     intermediate: int
     layers: int
     heads: int
     kv_heads: int
     head_dim: int
-    sliding_window: int
     vis_width: int
     vis_intermediate: int
     vis_layers: int
@@ -65,136 +66,248 @@ class Preset:
     hidden_stride: int
     visual_vocab: int
     dtype: str
+    sliding_window: int = 4096
+    query_pre_attn_scalar: int | None = None  # Gemma2; None: head_dim (as the 9B)
+    gptq_group_size: int | None = None        # GPTQ-Int4 LLM layers (AutoGPTQ format)
     multimodal_max_length: int = 8192
+    name_or_path: str = "google/gemma-2-9b-it"  # llm_config._name_or_path
+    backbone: str = "siglip"  # "siglip" (Ovis1.6) | "aimv2" (Ovis2)
 
+
+# Small vision tower shared by the test presets: side 76 / patch 14 gives a 5x5 patch grid (odd,
+# so the hidden_stride padding to 6x6 runs), 9 visual tokens per crop.
+_SMALL_VISION = dict(vis_width=64, vis_intermediate=128, vis_layers=2, vis_heads=2, image_size=76,
+                     patch_size=14, hidden_stride=2, visual_vocab=1000)
+# head_dim 64 everywhere: vLLM's CPU attention rejects 16.
+_GEMMA2_9B = Preset(llm="gemma2", tokenizer="gemma", text_vocab=1024, hidden=128, intermediate=256,
+                    layers=2, heads=2, kv_heads=1, head_dim=64, dtype="float32", **_SMALL_VISION)
+_LLAMA32_3B = Preset(llm="llama", tokenizer="llama3", text_vocab=128256, hidden=128,
+                     intermediate=256, layers=2, heads=2, kv_heads=1, head_dim=64, dtype="float32",
+                     name_or_path="meta-llama/Llama-3.2-3B-Instruct", **_SMALL_VISION)
 
 PRESETS = {
-    # Fast tests: side 76 / patch 14 gives a 5x5 patch grid (odd, so the hidden_stride padding
-    # to 6x6 runs), 9 visual tokens per crop; head_dim 64 because vLLM's CPU attention rejects 16.
-    "tiny": Preset(
-        text_vocab=512, hidden=128, intermediate=256, layers=2, heads=2, kv_heads=1,
-        head_dim=64, sliding_window=4096, vis_width=64, vis_intermediate=128, vis_layers=2,
-        vis_heads=2, image_size=76, patch_size=14, hidden_stride=2, visual_vocab=1000,
-        dtype="float32",
-    ),
+    "ovis1.6-gemma2-9b": _GEMMA2_9B,
+    # 27B: hidden 4608, 32 heads of head_dim 128 (4096 != hidden), query_pre_attn_scalar 144 =
+    # hidden / heads. Mirrored: hidden 192, 2 heads of 64 (128 != 192), scalar 96 = 192 / 2.
+    "ovis1.6-gemma2-27b": replace(_GEMMA2_9B, hidden=192, intermediate=384, query_pre_attn_scalar=96,
+                                  name_or_path="google/gemma-2-27b-it"),
+    "ovis1.6-llama3.2-3b": _LLAMA32_3B,
+    # GPTQ releases: fp16 unquantized tensors and scales, as AutoGPTQ writes them.
+    "ovis1.6-gemma2-9b-gptq-int4": replace(_GEMMA2_9B, gptq_group_size=128, dtype="float16"),
+    "ovis1.6-llama3.2-3b-gptq-int4": replace(_LLAMA32_3B, gptq_group_size=128, dtype="float16"),
+    # Ovis2-1B: AIMv2-large (448/14) + Qwen2.5-0.5B. Mirrored: side 56 / patch 14 (a 4x4 patch
+    # grid, divisible by hidden_stride 2 as vLLM's built-in requires), vocabulary padded to
+    # 151936 like Qwen2.5's.
+    "ovis2-1b": replace(_GEMMA2_9B, llm="qwen2", tokenizer="qwen2", backbone="aimv2",
+                        text_vocab=151936, image_size=56, multimodal_max_length=32768,
+                        name_or_path="Qwen/Qwen2.5-0.5B-Instruct"),
+    "tiny": replace(_GEMMA2_9B, tokenizer="bytelevel-image", text_vocab=512),
     # Real widths (Ovis1.6-Gemma2-9B) with one layer each, for benchmarks.
     "wide": Preset(
-        text_vocab=512, hidden=3584, intermediate=14336, layers=1, heads=16, kv_heads=8,
-        head_dim=256, sliding_window=4096, vis_width=1152, vis_intermediate=4304, vis_layers=1,
-        vis_heads=16, image_size=384, patch_size=14, hidden_stride=2, visual_vocab=65536,
-        dtype="bfloat16",
+        llm="gemma2", tokenizer="bytelevel-image", text_vocab=512, hidden=3584, intermediate=14336,
+        layers=1, heads=16, kv_heads=8, head_dim=256, vis_width=1152, vis_intermediate=4304,
+        vis_layers=1, vis_heads=16, image_size=384, patch_size=14, hidden_stride=2,
+        visual_vocab=65536, dtype="bfloat16",
     ),
 }
 
 
-def build_tokenizer(vocab_size: int):
-    """Byte-level BPE with Gemma's special tokens at Gemma's ids.
+def _tokenizer(p: Preset):
+    from . import tokenizer_mirrors
 
-    `<image>` is an added (non-special) token: the tokenizer then splits text around it before
-    BPE, exactly like the reference, which tokenizes the chunks between `<image>` markers
-    separately. It never reaches the model: the processor replaces it with placeholders.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    tok = {"bytelevel-image": lambda: tokenizer_mirrors.build_bytelevel_image_tokenizer(p.text_vocab),
+           "gemma": lambda: tokenizer_mirrors.build_gemma_tokenizer(p.text_vocab),
+           "llama3": tokenizer_mirrors.build_llama3_tokenizer,
+           "qwen2": tokenizer_mirrors.build_qwen2_tokenizer}[p.tokenizer]()
+    # Qwen2.5 pads its embedding past the tokenizer's last id (151936 > 151665).
+    assert len(tok) == p.text_vocab or p.llm == "qwen2", (p.tokenizer, len(tok), p.text_vocab)
+    return tok
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - 1,  # the last id is `<image>`
-        special_tokens=GEMMA_SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
-    tok.add_tokens([IMAGE_TOKEN])
-    assert tok.get_vocab_size() == vocab_size, tok.get_vocab_size()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
-        mask_token="<mask>", additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    fast.add_bos_token = False  # the chat template writes `<bos>` itself
-    assert fast.convert_tokens_to_ids("<unused0>") == IMAGE_PAD_ID
-    assert fast.convert_tokens_to_ids("<end_of_turn>") == END_OF_TURN_ID
-    return fast
+
+# The generic fields transformers 4.44's PretrainedConfig.to_dict() writes for every nested config
+# (AIDC-AI's config.json files carry them in llm_config, visual_tokenizer_config and
+# backbone_config).
+_PRETRAINED_CONFIG_FIELDS = {
+    "add_cross_attention": False, "bad_words_ids": None, "begin_suppress_tokens": None,
+    "bos_token_id": None, "chunk_size_feed_forward": 0, "cross_attention_hidden_size": None,
+    "decoder_start_token_id": None, "diversity_penalty": 0.0, "do_sample": False,
+    "early_stopping": False, "encoder_no_repeat_ngram_size": 0, "eos_token_id": None,
+    "exponential_decay_length_penalty": None, "finetuning_task": None,
+    "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "id2label": {"0": "LABEL_0", "1": "LABEL_1"}, "is_decoder": False,
+    "is_encoder_decoder": False, "label2id": {"LABEL_0": 0, "LABEL_1": 1},
+    "length_penalty": 1.0, "max_length": 20, "min_length": 0, "no_repeat_ngram_size": 0,
+    "num_beam_groups": 1, "num_beams": 1, "num_return_sequences": 1, "output_attentions": False,
+    "output_hidden_states": False, "output_scores": False, "pad_token_id": None, "prefix": None,
+    "problem_type": None, "pruned_heads": {}, "remove_invalid_values": False,
+    "repetition_penalty": 1.0, "return_dict": True, "return_dict_in_generate": False,
+    "sep_token_id": None, "suppress_tokens": None, "task_specific_params": None,
+    "temperature": 1.0, "tf_legacy_loss": False, "tie_encoder_decoder": False,
+    "tie_word_embeddings": True, "tokenizer_class": None, "top_k": 50, "top_p": 1.0,
+    "torchscript": False, "typical_p": 1.0, "use_bfloat16": False,
+}
+
+
+def _full_dict(**fields) -> dict:
+    return dict(sorted((_PRETRAINED_CONFIG_FIELDS | fields).items()))
+
+
+def _llm_config(p: Preset) -> dict:
+    common = {
+        "_name_or_path": p.name_or_path,
+        "vocab_size": p.text_vocab, "hidden_size": p.hidden, "intermediate_size": p.intermediate,
+        "num_hidden_layers": p.layers, "num_attention_heads": p.heads,
+        "num_key_value_heads": p.kv_heads, "head_dim": p.head_dim, "attention_bias": False,
+        "attention_dropout": 0.0, "initializer_range": 0.02, "tie_word_embeddings": True,
+        "torch_dtype": p.dtype, "use_cache": True,
+    }
+    if p.llm == "gemma2":
+        return _full_dict(**common, **{
+            "model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"],
+            "query_pre_attn_scalar": p.query_pre_attn_scalar or p.head_dim,
+            "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh",
+            "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+            "sliding_window": p.sliding_window, "sliding_window_size": p.sliding_window,
+            "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0,
+            "cache_implementation": "hybrid",
+            "pad_token_id": PAD_ID, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
+        })
+    if p.llm == "qwen2":
+        return _full_dict(**common, **{
+            "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_act": "silu",
+            "max_position_embeddings": 32768, "max_window_layers": p.layers, "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0, "sliding_window": 32768, "use_sliding_window": False,
+            "bos_token_id": 151643, "eos_token_id": 151645,
+        })
+    return _full_dict(**common, **{
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+        "hidden_act": "silu", "max_position_embeddings": 131072, "mlp_bias": False,
+        "pretraining_tp": 1, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "bos_token_id": LLAMA3_BOS_ID, "eos_token_id": LLAMA3_EOS_IDS,
+    })
+
+
+_FORMATTERS = {"gemma2": "GemmaConversationFormatter", "llama": "Llama3ConversationFormatter",
+               "qwen2": "QwenConversationFormatter"}
+
+
+def _backbone_config(p: Preset) -> dict:
+    shared = dict(hidden_size=p.vis_width, intermediate_size=p.vis_intermediate,
+                  num_hidden_layers=p.vis_layers, num_attention_heads=p.vis_heads, num_channels=3,
+                  image_size=p.image_size, patch_size=p.patch_size, attention_dropout=0.0,
+                  torch_dtype="float32")
+    if p.backbone == "aimv2":  # AIDC-AI's AIMv2Config
+        return _full_dict(**shared, _name_or_path="apple/aimv2-large-patch14-448",
+                          model_type="aimv2", rms_norm_eps=1e-5, qkv_bias=False, use_bias=False,
+                          projection_dropout=0.0)
+    return _full_dict(**shared, _name_or_path="google/siglip-so400m-patch14-384",
+                      model_type="siglip_vision_model", hidden_act="gelu_pytorch_tanh",
+                      layer_norm_eps=1e-6)
 
 
 def ovis_config(p: Preset) -> dict:
-    llm = {
-        "model_type": "gemma2",
-        "architectures": ["Gemma2ForCausalLM"],
-        "vocab_size": p.text_vocab,
-        "hidden_size": p.hidden,
-        "intermediate_size": p.intermediate,
-        "num_hidden_layers": p.layers,
-        "num_attention_heads": p.heads,
-        "num_key_value_heads": p.kv_heads,
-        "head_dim": p.head_dim,
-        "query_pre_attn_scalar": p.head_dim,
-        "hidden_act": "gelu_pytorch_tanh",
-        "hidden_activation": "gelu_pytorch_tanh",
-        "max_position_embeddings": 8192,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 10000.0,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "sliding_window": p.sliding_window,
-        "final_logit_softcapping": 30.0,
-        "attn_logit_softcapping": 50.0,
-        "cache_implementation": "hybrid",
-        "pad_token_id": PAD_ID,
-        "bos_token_id": BOS_ID,
-        "eos_token_id": EOS_ID,
-        "tie_word_embeddings": True,
-        "torch_dtype": p.dtype,
-    }
-    backbone = {
-        "model_type": "siglip_vision_model",
-        "hidden_size": p.vis_width,
-        "intermediate_size": p.vis_intermediate,
-        "num_hidden_layers": p.vis_layers,
-        "num_attention_heads": p.vis_heads,
-        "num_channels": 3,
-        "image_size": p.image_size,
-        "patch_size": p.patch_size,
-        "hidden_act": "gelu_pytorch_tanh",
-        "layer_norm_eps": 1e-6,
-        "attention_dropout": 0.0,
-        "torch_dtype": p.dtype,
-    }
-    return {
+    backbone = _backbone_config(p)
+    visual = _full_dict(
+        model_type=f"{p.backbone}_visual_tokenizer", backbone_config=backbone, backbone_kwargs={},
+        depths=None, drop_cls_token=False, hidden_stride=p.hidden_stride, tau=1.0,
+        tokenize_function="softmax", vocab_size=p.visual_vocab, torch_dtype="float32")
+    config = {
         "architectures": ["Ovis"],
-        "model_type": "ovis",
-        "conversation_formatter_class": "GemmaConversationFormatter",
+        "auto_map": {"AutoConfig": "configuration_ovis.OvisConfig",
+                     "AutoModelForCausalLM": "modeling_ovis.Ovis"},
+        "conversation_formatter_class": _FORMATTERS[p.llm],
         "disable_tie_weight": False,
         "hidden_size": p.hidden,
         "llm_attn_implementation": "eager",
+        "llm_config": _llm_config(p),
+        "model_type": "ovis",
         "multimodal_max_length": p.multimodal_max_length,
         "torch_dtype": p.dtype,
+        "transformers_version": "4.44.2",
         "use_cache": True,
-        "llm_config": llm,
-        "visual_tokenizer_config": {
-            "model_type": "siglip_visual_tokenizer",
-            "backbone_config": backbone,
-            "backbone_kwargs": {},
-            "depths": None,
-            "drop_cls_token": False,
-            "hidden_stride": p.hidden_stride,
-            "tau": 1.0,
-            "tokenize_function": "softmax",
-            "use_indicators": False,
-            "vocab_size": p.visual_vocab,
-            "torch_dtype": p.dtype,
-        },
+        "visual_tokenizer_config": visual,
     }
+    if p.gptq_group_size is not None:
+        config["quantization_config"] = gptq_config(p)
+    return config
+
+
+def gptq_config(p: Preset) -> dict:
+    """quantize_config.json of the GPTQ-Int4 releases (AutoGPTQ 0.7 layout, verbatim keys)."""
+    return {"bits": 4, "group_size": p.gptq_group_size, "damp_percent": 0.1, "desc_act": False,
+            "static_groups": False, "sym": True, "true_sequential": True,
+            "model_name_or_path": None, "model_file_base_name": None, "is_marlin_format": False,
+            "quant_method": "gptq"}
+
+
+def generation_config(p: Preset) -> dict:
+    if p.llm == "qwen2":
+        return {"bos_token_id": 151643, "eos_token_id": [151645, 151643],
+                "multimodal_max_length": p.multimodal_max_length, "pad_token_id": 151643,
+                "transformers_version": "4.46.2"}
+    if p.llm == "gemma2":  # google/gemma-2-9b-it's
+        return {"_from_model_config": True, "bos_token_id": BOS_ID, "cache_implementation": "hybrid",
+                "eos_token_id": [EOS_ID, END_OF_TURN_ID], "pad_token_id": PAD_ID,
+                "transformers_version": "4.44.2"}
+    return {"bos_token_id": LLAMA3_BOS_ID, "do_sample": True, "eos_token_id": LLAMA3_EOS_IDS,
+            "multimodal_max_length": p.multimodal_max_length, "temperature": 0.6, "top_p": 0.9,
+            "transformers_version": "4.44.2"}
+
+
+def preprocessor_config(p: Preset) -> dict:
+    """AIDC-AI's preprocessor_config.json (the same 394 bytes in every Ovis1.6 release; Ovis2's is
+    CLIP's), with this preset's image side."""
+    if p.backbone == "aimv2":
+        return {"crop_size": {"height": p.image_size, "width": p.image_size},
+                "do_center_crop": False, "do_convert_rgb": True, "do_normalize": True,
+                "do_rescale": True, "do_resize": True,
+                "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                "image_processor_type": "CLIPImageProcessor",
+                "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3,
+                "rescale_factor": 0.00392156862745098, "size": {"shortest_edge": p.image_size}}
+    return {"do_convert_rgb": None, "do_normalize": True, "do_rescale": True, "do_resize": True,
+            "image_mean": [0.5, 0.5, 0.5], "image_processor_type": "SiglipImageProcessor",
+            "image_std": [0.5, 0.5, 0.5], "processor_class": "SiglipProcessor", "resample": 3,
+            "rescale_factor": 0.00392156862745098,
+            "size": {"height": p.image_size, "width": p.image_size}}
+
+
+# The Linear layers AutoGPTQ quantizes in every LLM decoder layer of the Ovis GPTQ releases; the
+# embedding, norms, vision tower, visual head and VTE stay floating point.
+GPTQ_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def gptq_pack(weight: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+    """A Linear weight [out, in] as AutoGPTQ's 4-bit symmetric format (checkpoint_format "gptq"):
+    qweight int32 [in/8, out] (8 nibbles along `in`), qzeros int32 [in/group, out/8] holding
+    zero - 1 = 7, scales fp16 [in/group, out], g_idx int32 [in] (desc_act off: i // group).
+    Dequantized, each weight is (q - 8) * scale."""
+    out_features, in_features = weight.shape
+    assert in_features % group_size == 0 and in_features % 8 == 0 and out_features % 8 == 0
+    groups = weight.float().t().reshape(in_features // group_size, group_size, out_features)
+    # AutoGPTQ's symmetric quantizer: scale = 2 max|w| / 15, zero point 8.
+    scales = (groups.abs().amax(dim=1) * 2 / 15).clamp(min=1e-8).half()  # [groups, out]
+    q = (torch.round(groups / scales.float()[:, None, :]) + 8).clamp(0, 15).to(torch.int32)
+    q = q.reshape(in_features, out_features)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    qweight = (q.reshape(in_features // 8, 8, out_features) << shifts[None, :, None]).sum(dim=1)
+    zeros = torch.full((in_features // group_size, out_features // 8, 8), 7, dtype=torch.int32)
+    qzeros = (zeros << shifts[None, None, :]).sum(dim=2)
+    g_idx = torch.arange(in_features, dtype=torch.int32) // group_size
+    return {"qweight": qweight.to(torch.int32), "qzeros": qzeros.to(torch.int32), "scales": scales,
+            "g_idx": g_idx}
 
 
 def _tensor_shapes(p: Preset) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the checkpoint, named as in the real one."""
+    """Every tensor of the checkpoint, named as in the real one (before GPTQ packing)."""
     shapes: dict[str, tuple[int, ...]] = {"llm.model.embed_tokens.weight": (p.text_vocab, p.hidden)}
     q, kv = p.heads * p.head_dim, p.kv_heads * p.head_dim
+    norms = ["input_layernorm", "post_attention_layernorm"]
+    if p.llm == "gemma2":
+        norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
     for i in range(p.layers):
         pre = f"llm.model.layers.{i}."
         shapes |= {
@@ -206,14 +319,47 @@ def _tensor_shapes(p: Preset) -> dict[str, tuple[int, ...]]:
             pre + "mlp.up_proj.weight": (p.intermediate, p.hidden),
             pre + "mlp.down_proj.weight": (p.hidden, p.intermediate),
         }
-        for norm in ("input_layernorm", "post_attention_layernorm",
-                     "pre_feedforward_layernorm", "post_feedforward_layernorm"):
+        if p.llm == "qwen2":  # Qwen2 has q/k/v biases
+            shapes |= {pre + "self_attn.q_proj.bias": (q,), pre + "self_attn.k_proj.bias": (kv,),
+                       pre + "self_attn.v_proj.bias": (kv,)}
+        for norm in norms:
             shapes[pre + norm + ".weight"] = (p.hidden,)
     shapes["llm.model.norm.weight"] = (p.hidden,)
+    shapes |= _backbone_shapes(p)
+    head_in = p.vis_width * p.hidden_stride**2
+    head_out = p.visual_vocab - NUM_INDICATORS
+    shapes |= {
+        "visual_tokenizer.head.0.weight": (head_out, head_in),
+        "visual_tokenizer.head.1.weight": (head_out,),
+        "visual_tokenizer.head.1.bias": (head_out,),
+        "vte.weight": (p.visual_vocab, p.hidden),
+    }
+    return shapes
 
-    w = p.vis_width
+
+def _backbone_shapes(p: Preset) -> dict[str, tuple[int, ...]]:
+    w, num_patches = p.vis_width, (p.image_size // p.patch_size) ** 2
+    shapes: dict[str, tuple[int, ...]] = {}
+    if p.backbone == "aimv2":  # AIDC-AI's AIMv2 module names
+        bb = "visual_tokenizer.backbone."
+        shapes |= {
+            bb + "preprocessor.patchifier.proj.weight": (w, 3, p.patch_size, p.patch_size),
+            bb + "preprocessor.patchifier.proj.bias": (w,),
+            bb + "preprocessor.patchifier.norm.weight": (w,),
+            bb + "preprocessor.pos_embed": (1, num_patches, w),
+        }
+        for i in range(p.vis_layers):
+            pre = f"{bb}trunk.blocks.{i}."
+            shapes |= {
+                pre + "attn.qkv.weight": (3 * w, w), pre + "attn.proj.weight": (w, w),
+                pre + "norm_1.weight": (w,), pre + "norm_2.weight": (w,),
+                pre + "mlp.fc1.weight": (p.vis_intermediate, w),
+                pre + "mlp.fc2.weight": (w, p.vis_intermediate),
+                pre + "mlp.fc3.weight": (p.vis_intermediate, w),
+            }
+        shapes[bb + "trunk.post_trunk_norm.weight"] = (w,)
+        return shapes
     vm = "visual_tokenizer.backbone.vision_model."
-    num_patches = (p.image_size // p.patch_size) ** 2
     shapes |= {
         vm + "embeddings.patch_embedding.weight": (w, 3, p.patch_size, p.patch_size),
         vm + "embeddings.patch_embedding.bias": (w,),
@@ -241,23 +387,15 @@ def _tensor_shapes(p: Preset) -> dict[str, tuple[int, ...]]:
         vm + "head.mlp.fc1.weight": (p.vis_intermediate, w), vm + "head.mlp.fc1.bias": (p.vis_intermediate,),
         vm + "head.mlp.fc2.weight": (w, p.vis_intermediate), vm + "head.mlp.fc2.bias": (w,),
     }
-    head_in = w * p.hidden_stride**2
-    head_out = p.visual_vocab - NUM_INDICATORS
-    shapes |= {
-        "visual_tokenizer.head.0.weight": (head_out, head_in),
-        "visual_tokenizer.head.1.weight": (head_out,),
-        "visual_tokenizer.head.1.bias": (head_out,),
-        "vte.weight": (p.visual_vocab, p.hidden),
-    }
     return shapes
 
 
-def _random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+def _random_tensor(p: Preset, name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     """Random weights scaled so activations stay O(1) and logits are well separated."""
     t = torch.randn(shape, generator=gen)
     if name.endswith("weight") and ("norm" in name or name == "visual_tokenizer.head.1.weight"):
-        # Gemma's RMSNorm multiplies by (1 + weight), the LayerNorms by weight.
-        return 0.1 * t if name.startswith("llm.") else 1.0 + 0.1 * t
+        # Gemma's RMSNorm multiplies by (1 + weight); Llama's RMSNorm and the LayerNorms by weight.
+        return 0.1 * t if name.startswith("llm.") and p.llm == "gemma2" else 1.0 + 0.1 * t
     if name.endswith("bias"):
         return 0.1 * t
     if name == "llm.model.embed_tokens.weight" or name == "vte.weight":
@@ -276,29 +414,45 @@ def write_checkpoint(out_dir: str | os.PathLike, preset: str | Preset = "tiny", 
     dtype = getattr(torch, p.dtype)
 
     gen = torch.Generator().manual_seed(seed)
-    tensors = {name: _random_tensor(name, shape, gen).to(dtype).contiguous()
-               for name, shape in _tensor_shapes(p).items()}
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    tensors = {}
+    for name, shape in _tensor_shapes(p).items():
+        weight = _random_tensor(p, name, shape, gen)
+        layer = name.removesuffix(".weight")
+        if p.gptq_group_size is not None and layer.startswith("llm.model.layers.") \
+                and layer.endswith(GPTQ_LAYERS):
+            tensors |= {f"{layer}.{k}": v for k, v in gptq_pack(weight, p.gptq_group_size).items()}
+        else:
+            tensors[name] = weight.to(dtype).contiguous()
+    if p.gptq_group_size is None:
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    else:  # AutoGPTQ's file name and metadata
+        save_file(tensors, out / f"gptq_model-4bit-{p.gptq_group_size}g.safetensors", metadata={
+            "format": "pt", "gptq_bits": "4", "gptq_group_size": str(p.gptq_group_size),
+            "gptq_desc_act": "False", "gptq_damp_percent": "0.1", "gptq_is_marlin_format": "False"})
+        # AutoGPTQ writes it in its own key order, without a final newline.
+        (out / "quantize_config.json").write_text(json.dumps(gptq_config(p), indent=2))
 
-    (out / "config.json").write_text(json.dumps(ovis_config(p), indent=2))
-    (out / "generation_config.json").write_text(json.dumps({
-        "bos_token_id": BOS_ID, "pad_token_id": PAD_ID, "eos_token_id": [EOS_ID, END_OF_TURN_ID],
-    }, indent=2))
-    (out / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "SiglipImageProcessor",
-        "do_resize": True, "size": {"height": p.image_size, "width": p.image_size},
-        "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
-        "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
-    }, indent=2))
-    build_tokenizer(p.text_vocab).save_pretrained(out)
-    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    def write_json(name: str, data: dict) -> None:
+        (out / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    write_json("config.json", ovis_config(p))
+    write_json("generation_config.json", generation_config(p))
+    write_json("preprocessor_config.json", preprocessor_config(p))
+    tokenizer = _tokenizer(p)
+    tokenizer.save_pretrained(out)
+    if p.tokenizer == "bytelevel-image":
+        (out / "chat_template.jinja").write_text(GEMMA_CHAT_TEMPLATE)
+    else:
+        from .tokenizer_mirrors import write_special_tokens_map
+
+        write_special_tokens_map(tokenizer, out)
     return out
 
 
 def default_model_dir() -> Path:
     """The embedded default model: a `tiny` checkpoint generated on first use and cached."""
     cache = Path(os.environ.get("OVIS_CACHE_DIR", Path.home() / ".cache" / "ovis-vllm"))
-    path = cache / "ovis1.6-gemma2-tiny-seed0"
+    path = cache / "ovis1.6-gemma2-tiny-seed0-v2"  # v2: the published config layout
     if not (path / "model.safetensors").exists():
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         write_checkpoint(tmp, "tiny", seed=0)
