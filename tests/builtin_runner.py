@@ -2,9 +2,10 @@
 
     VLLM_PLUGINS=none python -m tests.builtin_runner SPEC.json OUT.json
 
-SPEC: {"model": path, "cases": [{"prompt": str, "images": [png paths]}]}. A case that the
-built-in rejects gets {"error": message} instead of results. Runs in its own process because
-plugins are loaded once per process and our plugin would otherwise replace the built-in.
+SPEC: [{"model": path, "cases": [{"prompt": str, "images": [png paths]}]}, ...], one engine per
+model, one after another. OUT: one {"model_class", "results"} per model. A case that the built-in
+rejects gets {"error": message} instead of results. Runs in its own process because plugins are
+loaded once per process and our plugin would otherwise replace the built-in.
 """
 
 import json
@@ -14,12 +15,10 @@ import sys
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
-def main(spec_path: str, out_path: str) -> None:
+def run_model(spec: dict) -> dict:
     from PIL import Image
-    from vllm import LLM, SamplingParams
-    from vllm import ModelRegistry
+    from vllm import LLM, ModelRegistry, SamplingParams
 
-    spec = json.load(open(spec_path))
     llm = LLM(model=spec["model"], dtype="float32", enforce_eager=True, gpu_memory_utilization=0.5,
               max_model_len=8192, limit_mm_per_prompt={"image": 4}, seed=0)
     model_cls = ModelRegistry._try_load_model_cls("Ovis")
@@ -39,11 +38,16 @@ def main(spec_path: str, out_path: str) -> None:
         results.append({"prompt_token_ids": ids,
                         "prompt_logprobs": [None] + [out.prompt_logprobs[i][ids[i]].logprob
                                                      for i in range(1, len(ids))]})
-    with open(out_path, "w") as f:
-        json.dump({"model_class": f"{model_cls.__module__}.{model_cls.__name__}", "results": results}, f)
-    # vLLM's CPU teardown sometimes aborts at interpreter exit ("terminate called without an
-    # active exception"): stop the engine processes explicitly, then leave without it.
     llm.llm_engine.engine_core.shutdown()
+    return {"model_class": f"{model_cls.__module__}.{model_cls.__name__}", "results": results}
+
+
+def main(spec_path: str, out_path: str) -> None:
+    outs = [run_model(spec) for spec in json.load(open(spec_path))]
+    with open(out_path, "w") as f:
+        json.dump(outs, f)
+    # vLLM's CPU teardown sometimes aborts at interpreter exit ("terminate called without an
+    # active exception"): the engines are stopped explicitly above; leave without it.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

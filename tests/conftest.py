@@ -35,21 +35,10 @@ def reference(tiny_checkpoint):
     return ReferenceOvis(tiny_checkpoint)
 
 
-def make_llm(model, **kwargs):
-    from vllm import LLM
-
-    # LLM.apply_model() pickles a test's function to the workers; tests only.
-    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-
-    args = dict(model=str(model), dtype="float32", enforce_eager=True, gpu_memory_utilization=0.5,
-                max_model_len=8192, max_num_seqs=32, limit_mm_per_prompt={"image": 4}, seed=0,
-                enable_prefix_caching=True)
-    args.update(kwargs)
-    return LLM(**args)
-
-
 @pytest.fixture(scope="session")
 def llm(tiny_checkpoint):
+    from tests.helpers import make_llm, shutdown
+
     engine = make_llm(tiny_checkpoint)
     yield engine
-    engine.llm_engine.engine_core.shutdown()
+    shutdown(engine)

@@ -1,9 +1,10 @@
-"""Independent reference forward of Ovis1.6-Gemma2, for tests only.
+"""Independent reference forward of Ovis1.6 (Gemma2 and Llama 3.2 members), for tests only.
 
 Composed from Hugging Face transformers' own `SiglipVisionModel`, `SiglipImageProcessorPil` and
-`Gemma2ForCausalLM`, following REFERENCE.md step by step (the AIDC-AI Ovis1.6 code line). It
-shares no code with `engine/`, so the engine is checked against a second, separately written
-reading of the spec.
+the LLM's `*ForCausalLM`, following docs/reference.md step by step (the AIDC-AI Ovis1.6 code
+line, whose conversation formatters are reproduced here as written). It shares no code with
+`engine/`, so the engine is checked against a second, separately written reading of the spec.
+GPTQ checkpoints are dequantized here (AutoGPTQ's format) and run in floating point.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
     AutoTokenizer,
-    Gemma2Config,
-    Gemma2ForCausalLM,
     SiglipVisionConfig,
     SiglipVisionModel,
 )
@@ -26,8 +27,77 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 IMAGE_TOKEN_ID, IMAGE_ATOM_ID = -200, -300
 IMAGE_INDICATOR_IDS = [-301, -302, -303, -304, -305]
 
-# vLLM's built-in Ovis deviations (REFERENCE.md, differences 1-3), for emulating it on purpose.
+# vLLM's built-in Ovis deviations (docs/reference.md, differences 1-3), for emulating it on purpose.
 BUILTIN_QUIRKS = ("reversed_indicators", "post_layernorm", "unscaled_visual")
+
+# The token vLLM (ours and the built-in) fills image positions with, per LLM type.
+IMAGE_PAD_TOKENS = {"gemma2": "<unused0>", "llama": "<|reserved_special_token_0|>"}
+
+
+def dequantize_gptq(qweight, qzeros, scales, g_idx) -> torch.Tensor:
+    """AutoGPTQ 4-bit ("gptq" format: stored zero = zero point - 1) -> float32 weight [out, in]."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    q = (qweight[:, None, :] >> shifts[None, :, None]) & 15          # [in/8, 8, out]
+    q = q.reshape(-1, qweight.shape[1])                                # [in, out]
+    z = ((qzeros[:, :, None] >> shifts[None, None, :]) & 15) + 1      # [groups, out/8, 8]
+    z = z.reshape(qzeros.shape[0], -1)                                 # [groups, out]
+    g = g_idx.long()
+    return ((q - z[g]).float() * scales.float()[g]).t().contiguous()
+
+
+def dequantized_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors with every GPTQ layer replaced by its float `.weight`."""
+    out = {k: v for k, v in weights.items()
+           if not k.endswith((".qweight", ".qzeros", ".scales", ".g_idx"))}
+    for name in weights:
+        if name.endswith(".qweight"):
+            layer = name.removesuffix(".qweight")
+            out[layer + ".weight"] = dequantize_gptq(*(weights[f"{layer}.{k}"] for k in
+                                                       ("qweight", "qzeros", "scales", "g_idx")))
+    return out
+
+
+class GemmaConversationFormatter:
+    """AIDC-AI's formatter: per turn, role head + stripped message + turn end, each turn's text
+    split on <image> and tokenized piece by piece without special tokens."""
+    from2role = {"human": "<start_of_turn>user\n", "gpt": "<start_of_turn>model\n"}
+    im_end = "<end_of_turn>\n"
+    bos_token = "<bos>"
+    default_system_prompt = None
+
+    def __init__(self, tokenize_with_image_symbol):
+        self.tokenize = tokenize_with_image_symbol
+
+    def format(self, conversations, generation_preface=None):
+        conversations = list(conversations)
+        if conversations[0]["from"] == "system" and self.default_system_prompt is None:
+            raise ValueError("Gemma does not support system prompt")
+        if self.default_system_prompt is not None and conversations[0]["from"] != "system":
+            conversations.insert(0, {"from": "system", "value": self.default_system_prompt})
+        if generation_preface is not None:
+            conversations.append({"from": "gpt", "value": generation_preface})
+        prompt, input_ids = self.bos_token, self.tokenize(self.bos_token)
+        for i, conversation in enumerate(conversations):
+            text = self.from2role[conversation["from"]] + conversation["value"].strip()
+            if i < len(conversations) - 1 or generation_preface is None:
+                text += self.im_end
+            prompt += text
+            input_ids += self.tokenize(text)
+        assert self.tokenize(prompt) == input_ids  # as the reference asserts
+        return prompt, input_ids
+
+
+class Llama3ConversationFormatter(GemmaConversationFormatter):
+    from2role = {"system": "<|start_header_id|>system<|end_header_id|>\n\n",
+                 "human": "<|start_header_id|>user<|end_header_id|>\n\n",
+                 "gpt": "<|start_header_id|>assistant<|end_header_id|>\n\n"}
+    im_end = "<|eot_id|>"
+    bos_token = "<|begin_of_text|>"
+    default_system_prompt = "You are a helpful and honest multimodal assistant."
+
+
+FORMATTERS = {"GemmaConversationFormatter": GemmaConversationFormatter,
+              "Llama3ConversationFormatter": Llama3ConversationFormatter}
 
 
 def reference_partition(width, height, grid):
@@ -134,10 +204,21 @@ class ReferenceOvis:
         self.dtype = dtype
         self.multimodal_max_length = cfg["multimodal_max_length"]
         self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.formatter = FORMATTERS[cfg["conversation_formatter_class"]](self._tokenize_with_image_symbol)
 
         llm_cfg = dict(cfg["llm_config"])
-        llm_cfg.pop("model_type")
-        self.llm = Gemma2ForCausalLM(Gemma2Config(**llm_cfg, attn_implementation="eager")).to(dtype).eval()
+        self.llm_type = llm_cfg.pop("model_type")
+        self.image_pad_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD_TOKENS[self.llm_type])
+        eos = llm_cfg["eos_token_id"]
+        self.stop_ids = set(eos if isinstance(eos, list) else [eos])
+        generation = path / "generation_config.json"
+        if generation.exists():
+            eos = json.loads(generation.read_text()).get("eos_token_id", [])
+            self.stop_ids |= set(eos if isinstance(eos, list) else [eos])
+        llm_config = AutoConfig.for_model(self.llm_type, **llm_cfg, attn_implementation="eager")
+        self.llm = AutoModelForCausalLM.from_config(llm_config).to(dtype).eval()
+        # Gemma2 multiplies the whole merged input sequence by sqrt(hidden) (transformers 4.44).
+        self.embedding_scale = cfg["hidden_size"] ** 0.5 if self.llm_type == "gemma2" else None
 
         vt = cfg["visual_tokenizer_config"]
         bb = dict(vt["backbone_config"])
@@ -152,7 +233,11 @@ class ReferenceOvis:
             torch.nn.LayerNorm(head_width)).to(dtype).eval()
         self.vte = torch.nn.Embedding(self.visual_vocab, cfg["hidden_size"]).to(dtype).eval()
 
-        weights = load_file(path / "model.safetensors")
+        weights = {}
+        for file in sorted(path.glob("*.safetensors")):
+            weights |= load_file(file)
+        weights = {k: v.to(dtype) if v.is_floating_point() else v
+                   for k, v in dequantized_weights(weights).items()}
         self._load(self.llm, weights, "llm.", strict_missing={"lm_head.weight"})
         # transformers 5.x's SiglipVisionModel names its tensors without the `vision_model.` level.
         self._load(self.backbone, weights, "visual_tokenizer.backbone.vision_model.")
@@ -205,15 +290,12 @@ class ReferenceOvis:
         return ids
 
     def format_conversation(self, turns: list[tuple[str, str]]) -> list[int]:
-        """Gemma conversation formatter: turns of ("user"|"assistant", text); a generation prompt
-        (`<start_of_turn>model\\n`) is appended."""
-        if turns and turns[0][0] == "system":
-            raise ValueError("Gemma does not support system prompt")
-        ids = self.tokenizer("<bos>", add_special_tokens=False).input_ids
-        for role, message in turns:
-            head = {"user": "<start_of_turn>user\n", "assistant": "<start_of_turn>model\n"}[role]
-            ids += self._tokenize_with_image_symbol(head + message.strip() + "<end_of_turn>\n")
-        ids += self._tokenize_with_image_symbol("<start_of_turn>model\n")
+        """The checkpoint's conversation formatter over turns of ("system"|"user"|"assistant",
+        text), with the generation prompt (generation_preface "") appended: token ids, -200 for
+        each <image>."""
+        role = {"system": "system", "user": "human", "assistant": "gpt"}
+        _, ids = self.formatter.format([{"from": role[r], "value": t} for r, t in turns],
+                                       generation_preface="")
         return ids
 
     @torch.no_grad()
@@ -256,24 +338,26 @@ class ReferenceOvis:
             for t in ids:
                 expanded.extend([IMAGE_ATOM_ID] * visual.shape[1] if t == IMAGE_ATOM_ID else [t])
             ids = expanded
-        if "unscaled_visual" in quirks:  # cancel the sqrt(hidden) that logits() applies
+        if "unscaled_visual" in quirks and self.embedding_scale:  # cancel logits()'s scale
             visual = torch.tensor([t < 0 for t in ids])
-            embeds[visual] /= torch.tensor(self.config["hidden_size"] ** 0.5, dtype=embeds.dtype)
+            embeds[visual] /= torch.tensor(self.embedding_scale, dtype=embeds.dtype)
         embeds = embeds[: self.multimodal_max_length]
         return embeds, ids[: self.multimodal_max_length]
 
     @torch.no_grad()
     def logits(self, embeds: torch.Tensor) -> torch.Tensor:
-        """Gemma2 over a merged sequence. transformers 5.x scales embeddings inside its embedding
-        module, so for `inputs_embeds` the sqrt(hidden_size) factor of transformers 4.44 (applied
-        to the whole merged sequence, visual rows included) is applied here."""
-        normalizer = torch.tensor(self.config["hidden_size"] ** 0.5, dtype=embeds.dtype)
-        out = self.llm(inputs_embeds=(embeds * normalizer)[None], use_cache=False)
+        """The LLM over a merged sequence. transformers 5.x's Gemma2 scales embeddings inside its
+        embedding module, so for `inputs_embeds` the sqrt(hidden_size) factor of transformers
+        4.44 (applied to the whole merged sequence, visual rows included) is applied here."""
+        if self.embedding_scale is not None:
+            embeds = embeds * torch.tensor(self.embedding_scale, dtype=embeds.dtype)
+        out = self.llm(inputs_embeds=embeds[None], use_cache=False)
         return out.logits[0].float()
 
     @torch.no_grad()
-    def greedy(self, embeds: torch.Tensor, max_new_tokens: int, stop_ids=(1, 107)):
-        """Greedy tokens and, per step, the logits they were chosen from."""
+    def greedy(self, embeds: torch.Tensor, max_new_tokens: int):
+        """Greedy tokens (until one of the checkpoint's eos ids) and, per step, the logits they
+        were chosen from."""
         tokens, step_logits = [], []
         emb_table = self.llm.get_input_embeddings().weight
         for _ in range(max_new_tokens):
@@ -281,7 +365,7 @@ class ReferenceOvis:
             tok = int(logits.argmax())
             tokens.append(tok)
             step_logits.append(logits)
-            if tok in stop_ids:
+            if tok in self.stop_ids:
                 break
             embeds = torch.cat([embeds, emb_table[tok][None]])
         return tokens, step_logits

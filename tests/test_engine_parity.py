@@ -8,79 +8,19 @@ divergence, which fp32 rounding may legitimately flip.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image
 
+from tests.helpers import (
+    MAX_NEW_TOKENS,
+    SIDE,
+    assert_parity,
+    chat_prompt,
+    make_llm,
+    rand_image,
+    run_engine,
+    shutdown,
+)
 from tests.ovis_reference import reference_grid
-
-# fp32 end to end; the measured max |diff| over many seeds is ~1e-5.
-PROMPT_LOGPROB_ATOL = 2e-4
-GREEDY_TIE_GAP = 1e-3
-MAX_NEW_TOKENS = 8
-SIDE = 76  # the tiny preset's image side
-
-
-def rand_image(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
-    rng = np.random.default_rng(seed)
-    # Smooth-ish content so crops and resizes carry signal, not just noise.
-    base = rng.integers(0, 256, (max(1, height // 8 + 1), max(1, width // 8 + 1), 3), dtype=np.uint8)
-    img = Image.fromarray(base).resize((width, height), Image.BILINEAR)
-    noise = rng.integers(0, 40, (height, width, 3), dtype=np.uint8)
-    return Image.fromarray(np.asarray(img) // 2 + noise).convert(mode)
-
-
-def chat_prompt(tokenizer, turns: list[tuple[str, str]]) -> str:
-    messages = [{"role": r, "content": t} for r, t in turns]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def run_engine(llm, cases, max_new_tokens=MAX_NEW_TOKENS, **sampling):
-    """cases: list of (turns, images). One batched generate call for all of them."""
-    from vllm import SamplingParams
-
-    tokenizer = llm.get_tokenizer()
-    params = SamplingParams(temperature=0, max_tokens=max_new_tokens, prompt_logprobs=1,
-                            logprobs=1, **sampling)
-    requests = []
-    for turns, images in cases:
-        req = {"prompt": chat_prompt(tokenizer, turns)}
-        if images:
-            req["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
-        requests.append(req)
-    return llm.generate(requests, params, use_tqdm=False)
-
-
-def assert_parity(out, reference, turns, images, **mm_kwargs):
-    raw = reference.format_conversation(turns)
-    embeds, ref_ids = reference.merged_embeddings(raw, images, **mm_kwargs)
-    ids = list(out.prompt_token_ids)
-
-    # Same expanded prompt: placeholders exactly where the reference has visual positions.
-    assert len(ids) == len(ref_ids), (len(ids), len(ref_ids))
-    for i, (a, b) in enumerate(zip(ids, ref_ids)):
-        assert (a == 7) if b < 0 else (a == b), f"position {i}: engine {a}, reference {b}"
-
-    # Prompt log-probabilities of every prompt token.
-    logprobs = torch.log_softmax(reference.logits(embeds), dim=-1)
-    diffs = [abs(out.prompt_logprobs[i][ids[i]].logprob - logprobs[i - 1, ids[i]].item())
-             for i in range(1, len(ids))]
-    assert max(diffs) < PROMPT_LOGPROB_ATOL, f"max prompt logprob diff {max(diffs):.2e}"
-
-    # Greedy continuation.
-    got = list(out.outputs[0].token_ids)
-    want, step_logits = reference.greedy(embeds, len(got) if got else MAX_NEW_TOKENS)
-    for k, (a, b) in enumerate(zip(got, want)):
-        if a != b:
-            top2 = step_logits[k].topk(2).values
-            assert (top2[0] - step_logits[k][a]).item() < GREEDY_TIE_GAP, (
-                f"greedy token {k}: engine {a}, reference {b} (no near-tie)")
-            break
-    else:
-        assert got == want[: len(got)]
-    return max(diffs)
-
 
 def test_text_only(llm, reference):
     turns = [("user", "Describe the image in detail. What is shown?")]
@@ -120,7 +60,7 @@ def test_single_image_aspect_ratios(llm, reference):
 
 
 def test_multiple_images_with_different_grids(llm, reference):
-    """vLLM's built-in Ovis fails on this prompt (REFERENCE.md difference 4)."""
+    """vLLM's built-in Ovis fails on this prompt (docs/reference.md, built-in difference 4)."""
     images = [rand_image(3 * SIDE, 3 * SIDE, 10), rand_image(50, 50, 11), rand_image(3 * SIDE, 2 * SIDE, 12)]
     cases = [
         ([("user", "<image>\n<image>\nCompare the two images.")], images[:2]),
@@ -177,12 +117,10 @@ def test_per_request_processor_options(llm, reference):
 
 @pytest.fixture(scope="module")
 def partition4_llm(tiny_checkpoint):
-    from tests.conftest import make_llm
-
     engine = make_llm(tiny_checkpoint, max_num_seqs=4,
                       mm_processor_kwargs={"max_partition": 4, "covering_threshold": 0.5})
     yield engine
-    engine.llm_engine.engine_core.shutdown()
+    shutdown(engine)
 
 
 def test_per_server_processor_options(partition4_llm, reference):

@@ -8,8 +8,18 @@ import io
 import pytest
 from PIL import Image
 
-from tests.conftest import make_llm
-from tests.test_engine_parity import SIDE, assert_parity, chat_prompt, rand_image, run_engine
+from tests.helpers import (
+    SIDE,
+    assert_parity,
+    chat_prompt,
+    make_llm,
+    png_bytes,
+    prompt_logprobs,
+    rand_image,
+    run_engine,
+    shutdown,
+    tokens,
+)
 
 GRID_IMAGES = [(SIDE, SIDE), (2 * SIDE, SIDE), (2 * SIDE, 2 * SIDE), (3 * SIDE, 3 * SIDE),
                (30, 300), (500, 90)]
@@ -28,15 +38,6 @@ def mixed_cases(n: int):
     return cases
 
 
-def tokens(outs):
-    return [list(o.outputs[0].token_ids) for o in outs]
-
-
-def prompt_logprobs(out):
-    ids = out.prompt_token_ids
-    return [out.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))]
-
-
 def test_batched_equals_one_at_a_time(llm):
     cases = mixed_cases(16)
     batched = run_engine(llm, cases)
@@ -53,7 +54,7 @@ def chunked_llm(tiny_checkpoint):
     engine = make_llm(tiny_checkpoint, enable_chunked_prefill=True, max_num_batched_tokens=32,
                       max_num_seqs=4)
     yield engine
-    engine.llm_engine.engine_core.shutdown()
+    shutdown(engine)
 
 
 def test_chunked_prefill_smaller_than_an_image(llm, chunked_llm, reference):
@@ -89,15 +90,9 @@ def test_repeated_images_hit_the_caches(llm):
     assert (third.num_cached_tokens or 0) >= block * (images_end // block)
 
 
-def _png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def bad_requests(tokenizer):
     one = chat_prompt(tokenizer, [("user", "<image>\nDescribe.")])
-    truncated = Image.open(io.BytesIO(_png_bytes(rand_image(64, 64, 1))[:200]))
+    truncated = Image.open(io.BytesIO(png_bytes(rand_image(64, 64, 1))[:200]))
     yield "truncated image", {"prompt": one, "multi_modal_data": {"image": truncated}}, "could not be decoded"
     yield "zero-size image", {"prompt": one, "multi_modal_data": {"image": Image.new("RGB", (0, 0))}}, "zero size"
     five = chat_prompt(tokenizer, [("user", "<image>" * 5 + "\nToo many.")])

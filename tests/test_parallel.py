@@ -8,9 +8,16 @@ import os
 import pytest
 import torch
 
-from tests.conftest import make_llm
-from tests.test_engine_parity import PROMPT_LOGPROB_ATOL, SIDE, rand_image, run_engine
-from tests.test_engine_serving import prompt_logprobs, tokens
+from tests.helpers import (
+    PROMPT_LOGPROB_ATOL,
+    SIDE,
+    make_llm,
+    prompt_logprobs,
+    rand_image,
+    run_engine,
+    shutdown,
+    tokens,
+)
 
 
 def start_two_rank_engine(checkpoint, **parallel):
@@ -30,7 +37,7 @@ def start_two_rank_engine(checkpoint, **parallel):
 def tp2_llm(tiny_checkpoint):
     engine = start_two_rank_engine(tiny_checkpoint, tensor_parallel_size=2)
     yield engine
-    engine.llm_engine.engine_core.shutdown()
+    shutdown(engine)
 
 
 def shard_shapes(model):  # module level: it is pickled to the workers
@@ -80,7 +87,7 @@ needs_two_gpus = pytest.mark.skipif(
 def pp2_llm(tiny_checkpoint):
     engine = start_two_rank_engine(tiny_checkpoint, pipeline_parallel_size=2)
     yield engine
-    engine.llm_engine.engine_core.shutdown()
+    shutdown(engine)
 
 
 @needs_two_gpus

@@ -1,7 +1,7 @@
 """engine/preprocess.py against an independent reference of the Ovis1.6 preprocessing.
 
-The reference here is written from /work/shared/REFERENCE.md ("Choosing the crop grid",
-"Preprocessing each crop") as the reference model's code does it: the grid by sorting the
+The reference here is written from docs/reference.md ("Crop grid",
+"Each crop") as the reference model's code does it: the grid by sorting the
 candidate list, and each crop through transformers' own PIL-backed SigLIP image processor.
 """
 

@@ -6,14 +6,8 @@ import asyncio
 import base64
 import io
 import json
-import os
-import socket
 import struct
-import subprocess
-import sys
-import time
 import zlib
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -21,18 +15,11 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.test_engine_parity import SIDE, rand_image
+from tests.helpers import SIDE, free_port, png_bytes, rand_image, running_server
 
 API_KEY = "test-key"
 MODEL = "ovis-test"
 IMAGE_LIMIT = 3
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def data_url(data: bytes, mime: str = "image/png") -> str:
@@ -55,12 +42,6 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def media_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("media")
@@ -72,35 +53,13 @@ def media_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, media_dir, tmp_path_factory):
-    port = free_port()
+    args = ["--model", str(tiny_checkpoint), "--served-model-name", MODEL, "--api-key", API_KEY,
+            "--dtype", "float32", "--max-num-seqs", "32",
+            "--limit-mm-per-prompt", json.dumps({"image": IMAGE_LIMIT}),
+            "--allowed-local-media-path", str(media_dir), "--enforce-eager", "--seed", "0"]
     log = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [sys.executable, str(ROOT / "server.py"), "--model", str(tiny_checkpoint),
-           "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port),
-           "--api-key", API_KEY, "--dtype", "float32", "--max-num-seqs", "32",
-           "--limit-mm-per-prompt", json.dumps({"image": IMAGE_LIMIT}),
-           "--allowed-local-media-path", str(media_dir), "--enforce-eager", "--seed", "0"]
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OVIS_IMAGE_URLS="public")
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail("server did not start:\n" + log.read_text()[-3000:])
-    yield base
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with running_server(args, log, env={"VLLM_CPU_KVCACHE_SPACE": "1", "OVIS_IMAGE_URLS": "public"}) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,163 @@
+"""What the tests share: generated images, engines, prompts and the parity check against the
+independent reference (tests/ovis_reference.py). Test modules import from here, never from one
+another."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+# fp32 end to end; the measured max |diff| over many seeds is ~1e-5.
+PROMPT_LOGPROB_ATOL = 2e-4
+GREEDY_TIE_GAP = 1e-3
+MAX_NEW_TOKENS = 8
+SIDE = 76  # the test presets' image side
+
+
+def make_llm(model, **kwargs):
+    from vllm import LLM
+
+    # LLM.apply_model() pickles a test's function to the workers; tests only.
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+
+    args = dict(model=str(model), dtype="float32", enforce_eager=True, gpu_memory_utilization=0.5,
+                max_model_len=8192, max_num_seqs=32, limit_mm_per_prompt={"image": 4}, seed=0,
+                enable_prefix_caching=True)
+    args.update(kwargs)
+    return LLM(**args)
+
+
+def shutdown(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def running_server(args: list[str], log: Path, env: dict | None = None, timeout: float = 180):
+    """server.py with `args` on a free loopback port; yields its base URL once /health answers,
+    and stops it afterwards. Fails with the end of its log if it does not come up."""
+    import httpx
+    import pytest
+
+    port = free_port()
+    cmd = [sys.executable, str(ROOT / "server.py"), *args, "--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                env=dict(os.environ, **(env or {})))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail("server did not start:\n" + log.read_text()[-3000:])
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def rand_image(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    # Smooth-ish content so crops and resizes carry signal, not just noise.
+    base = rng.integers(0, 256, (max(1, height // 8 + 1), max(1, width // 8 + 1), 3), dtype=np.uint8)
+    img = Image.fromarray(base).resize((width, height), Image.BILINEAR)
+    noise = rng.integers(0, 40, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(np.asarray(img) // 2 + noise).convert(mode)
+
+
+def chat_prompt(tokenizer, turns: list[tuple[str, str]], chat_template: str | None = None) -> str:
+    """The prompt text of a conversation, with the tokenizer's template or the one given (the
+    served template of a member: engine.members)."""
+    messages = [{"role": r, "content": t} for r, t in turns]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         chat_template=chat_template)
+
+
+def run_engine(llm, cases, max_new_tokens=MAX_NEW_TOKENS, chat_template=None, **sampling):
+    """cases: list of (turns, images). One batched generate call for all of them."""
+    from vllm import SamplingParams
+
+    tokenizer = llm.get_tokenizer()
+    params = SamplingParams(temperature=0, max_tokens=max_new_tokens, prompt_logprobs=1,
+                            logprobs=1, **sampling)
+    requests = []
+    for turns, images in cases:
+        req = {"prompt": chat_prompt(tokenizer, turns, chat_template)}
+        if images:
+            req["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
+        requests.append(req)
+    return llm.generate(requests, params, use_tqdm=False)
+
+
+def assert_parity(out, reference, turns, images, atol=PROMPT_LOGPROB_ATOL, tie_gap=GREEDY_TIE_GAP,
+                  **mm_kwargs):
+    raw = reference.format_conversation(turns)
+    embeds, ref_ids = reference.merged_embeddings(raw, images, **mm_kwargs)
+    ids = list(out.prompt_token_ids)
+
+    # Same expanded prompt: placeholders exactly where the reference has visual positions.
+    assert len(ids) == len(ref_ids), (len(ids), len(ref_ids))
+    for i, (a, b) in enumerate(zip(ids, ref_ids)):
+        assert (a == reference.image_pad_id) if b < 0 else (a == b), f"position {i}: engine {a}, reference {b}"
+
+    # Prompt log-probabilities of every prompt token.
+    logprobs = torch.log_softmax(reference.logits(embeds), dim=-1)
+    diffs = [abs(out.prompt_logprobs[i][ids[i]].logprob - logprobs[i - 1, ids[i]].item())
+             for i in range(1, len(ids))]
+    assert max(diffs) < atol, f"max prompt logprob diff {max(diffs):.2e}"
+
+    # Greedy continuation.
+    got = list(out.outputs[0].token_ids)
+    want, step_logits = reference.greedy(embeds, len(got) if got else MAX_NEW_TOKENS)
+    for k, (a, b) in enumerate(zip(got, want)):
+        if a != b:
+            top2 = step_logits[k].topk(2).values
+            assert (top2[0] - step_logits[k][a]).item() < tie_gap, (
+                f"greedy token {k}: engine {a}, reference {b} (no near-tie)")
+            break
+    else:
+        assert got == want[: len(got)]
+    return max(diffs)
+
+
+def tokens(outs):
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def prompt_logprobs(out):
+    ids = out.prompt_token_ids
+    return [out.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))]

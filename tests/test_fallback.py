@@ -1,0 +1,56 @@
+"""Never worse than vLLM alone: an "Ovis" checkpoint the plugin does not implement yet (Ovis2:
+AIMv2 + Qwen2.5) is served by vLLM's built-in Ovis, with the plugin installed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine.members import builtin_fallback_message, member_of
+from tests.conftest import SEED
+from tests.helpers import SIDE, make_llm, rand_image, shutdown
+
+
+@pytest.fixture(scope="module")
+def ovis2(tmp_path_factory):
+    from engine.checkpoint import write_checkpoint
+
+    path = write_checkpoint(tmp_path_factory.mktemp("ovis2"), "ovis2-1b", seed=SEED)
+    engine = make_llm(path, max_num_seqs=4, max_model_len=4096)
+    yield path, engine
+    shutdown(engine)
+
+
+def model_class(model):  # module level: pickled to the worker
+    return f"{type(model).__module__}.{type(model).__name__}"
+
+
+def test_ovis2_is_served_by_vllms_builtin(ovis2):
+    path, engine = ovis2
+    assert member_of(json.loads((path / "config.json").read_text())) is None
+    assert engine.apply_model(model_class) == ["vllm.model_executor.models.ovis.Ovis"]
+
+
+def test_ovis2_answers_image_prompts(ovis2):
+    from vllm import SamplingParams
+
+    _, engine = ovis2
+    tokenizer = engine.get_tokenizer()
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": "<image>\nDescribe the image."}],
+                                             tokenize=False, add_generation_prompt=True),
+               tokenizer.apply_chat_template([{"role": "user", "content": "Just text."}],
+                                             tokenize=False, add_generation_prompt=True)]
+    requests = [{"prompt": prompts[0], "multi_modal_data": {"image": rand_image(2 * SIDE, SIDE, 3)}},
+                {"prompt": prompts[1]}]
+    outs = engine.generate(requests, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert image_pad in outs[0].prompt_token_ids  # the built-in placed the image
+    assert all(len(o.outputs[0].token_ids) == 4 for o in outs)
+
+
+def test_fallback_log_line_names_the_differences(ovis2):
+    path, _ = ovis2
+    message = builtin_fallback_message(json.loads((path / "config.json").read_text()))
+    assert "aimv2_visual_tokenizer" in message and "qwen2" in message
+    assert "reversed order" in message and "different crop grids" in message

@@ -1,0 +1,115 @@
+"""Every Ovis1.6 member on the "Ovis" architecture against the independent reference, in fp32.
+
+One generated checkpoint per member preset (engine/checkpoint.py), each mirroring the published
+files at small widths, with a tokenizer of the base LLM's kind that has no `<image>` token and
+BPE merges across the marker's edges. Prompts are rendered with the member's served chat
+template (engine/members.py) and checked against AIDC-AI's formatter as the reference runs it:
+token ids, every prompt log-probability, greedy tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.members import member_of
+from tests.conftest import SEED
+from tests.helpers import (
+    SIDE,
+    assert_parity,
+    chat_prompt,
+    make_llm,
+    rand_image,
+    run_engine,
+    shutdown,
+)
+from tests.ovis_reference import ReferenceOvis
+
+MEMBER_PRESETS = ["ovis1.6-gemma2-9b", "ovis1.6-gemma2-27b", "ovis1.6-llama3.2-3b"]
+
+
+@pytest.fixture(scope="module", params=MEMBER_PRESETS)
+def member(request, tmp_path_factory):
+    """(preset, checkpoint, served chat template, engine, reference), one engine at a time."""
+    import json
+
+    from engine.checkpoint import write_checkpoint
+
+    preset = request.param
+    path = write_checkpoint(tmp_path_factory.mktemp(preset), preset, seed=SEED)
+    row = member_of(json.loads((path / "config.json").read_text()))
+    engine = make_llm(path, max_num_seqs=8)
+    yield preset, path, row.conversation.chat_template, engine, ReferenceOvis(path)
+    shutdown(engine)
+
+
+# Markers where BPE would merge across them: the start of a message, glued to text, several in a
+# row, after a newline, in several turns.
+MARKER_CASES = [
+    [("user", "<image>\nDescribe the image.")],
+    [("user", "Image 1:<image>Describe")],
+    [("user", "<image><image>\nCompare them.")],
+    [("user", "<image>\nWhat is it?"), ("assistant", "A cat."), ("user", "And this one?\n<image>")],
+]
+
+
+def _images(turns, seed):
+    """One image per marker, of different crop grids."""
+    sizes = [(3 * SIDE, 3 * SIDE), (50, 50), (3 * SIDE, 2 * SIDE), (300, 40)]
+    count = sum(text.count("<image>") for _, text in turns)
+    return [rand_image(*sizes[i % len(sizes)], seed + i) for i in range(count)]
+
+
+def test_reference_tokenization_and_parity(member):
+    preset, _, template, engine, reference = member
+    cases = [(turns, _images(turns, 10 * i)) for i, turns in enumerate(MARKER_CASES)]
+    cases.append(([("user", "Text only, no image.")], []))
+    if reference.formatter.default_system_prompt is not None:  # Llama 3: a system role
+        cases.append(([("system", "  Answer briefly. "), ("user", "<image>\nWhat is shown?")],
+                      [rand_image(2 * SIDE, SIDE, 90)]))
+    outs = run_engine(engine, cases, chat_template=template)
+    for out, (turns, images) in zip(outs, cases):
+        assert_parity(out, reference, turns, images)
+
+
+def test_whole_text_tokenization_would_differ(member):
+    """The tokenizer merges across the marker's edges, so the test above can fail: tokenizing the
+    whole rendered prompt gives other ids than the reference's chunked tokenization."""
+    _, _, template, engine, reference = member
+    tokenizer = engine.get_tokenizer()
+    differing = 0
+    for turns in MARKER_CASES:
+        text = chat_prompt(tokenizer, turns, template)
+        chunked = [t for t in reference.format_conversation(turns) if t != -200]
+        whole = tokenizer(text, add_special_tokens=False).input_ids
+        differing += whole != chunked
+    assert differing >= 3, differing
+
+
+def test_literal_marker_without_image_is_refused(member):
+    """The reference raises on `<image>` with no image; so does the engine (HTTP 400 served)."""
+    _, _, template, engine, _ = member
+    prompt = chat_prompt(engine.get_tokenizer(), [("user", "What does <image> mean?")], template)
+    with pytest.raises(ValueError, match="no image was given"):
+        engine.generate([prompt], use_tqdm=False)
+
+
+def test_pad_token_as_text_is_refused(member):
+    _, _, template, engine, reference = member
+    pad = engine.get_tokenizer().convert_ids_to_tokens(reference.image_pad_id)
+    prompt = chat_prompt(engine.get_tokenizer(), [("user", f"<image>\n{pad} Describe.")], template)
+    with pytest.raises(ValueError, match="image pad token"):
+        engine.generate([{"prompt": prompt, "multi_modal_data": {"image": rand_image(SIDE, SIDE, 1)}}],
+                        use_tqdm=False)
+
+
+def test_stops_at_the_members_turn_end(member):
+    from vllm import SamplingParams
+
+    preset, _, template, engine, reference = member
+    turn_end = {"gemma2": "<end_of_turn>", "llama": "<|eot_id|>"}[reference.llm_type]
+    stop_id = engine.get_tokenizer().convert_tokens_to_ids(turn_end)
+    prompt = chat_prompt(engine.get_tokenizer(), [("user", "Say something.")], template)
+    params = SamplingParams(temperature=0, max_tokens=5, logit_bias={stop_id: 100.0})
+    [out] = engine.generate([prompt], params, use_tqdm=False)
+    assert list(out.outputs[0].token_ids) == [stop_id]
+    assert out.outputs[0].finish_reason == "stop"

@@ -1,0 +1,94 @@
+"""server.py's defaults come from the served checkpoint's member: chat template, system prompt,
+stop tokens and the context length (multimodal_max_length)."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import httpx
+import openai
+import pytest
+
+from engine.chat_template import GEMMA_CHAT_TEMPLATE, GEMMA_SYSTEM_MERGE_CHAT_TEMPLATE, LLAMA3_CHAT_TEMPLATE
+from server import build_argv
+from tests.conftest import SEED
+from tests.helpers import SIDE, png_bytes, rand_image, running_server
+from tests.ovis_reference import ReferenceOvis
+
+
+@pytest.fixture(scope="module")
+def llama_checkpoint(tmp_path_factory):
+    from engine.checkpoint import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("llama"), "ovis1.6-llama3.2-3b", seed=SEED)
+
+
+def _value(argv, flag):
+    return argv[argv.index(flag) + 1] if flag in argv else None
+
+
+def test_gemma_defaults(tiny_checkpoint):
+    argv = build_argv(["--model", str(tiny_checkpoint)])
+    assert _value(argv, "--chat-template") == GEMMA_CHAT_TEMPLATE
+    assert "--max-model-len" not in argv  # Gemma2 allows 8192 = multimodal_max_length
+    merged = build_argv(["--model", str(tiny_checkpoint), "--system-prompt", "merge"])
+    assert _value(merged, "--chat-template") == GEMMA_SYSTEM_MERGE_CHAT_TEMPLATE
+
+
+def test_llama_defaults(llama_checkpoint):
+    argv = build_argv(["--model", str(llama_checkpoint)])
+    assert _value(argv, "--chat-template") == LLAMA3_CHAT_TEMPLATE
+    assert _value(argv, "--max-model-len") == "8192"  # Llama 3.2 allows 131072
+    # The guide's multimodal_max_length override, the vLLM way.
+    overridden = build_argv(["--model", str(llama_checkpoint),
+                             "--hf-overrides", json.dumps({"multimodal_max_length": 4096})])
+    assert _value(overridden, "--max-model-len") == "4096"
+    # What the user gives is kept.
+    given = build_argv(["--model", str(llama_checkpoint), "--max-model-len", "2048",
+                        "--chat-template", "{{ 'x' }}"])
+    assert _value(given, "--max-model-len") == "2048" and _value(given, "--chat-template") == "{{ 'x' }}"
+    with pytest.raises(SystemExit, match="has one"):  # Llama 3 has a system role
+        build_argv(["--model", str(llama_checkpoint), "--system-prompt", "merge"])
+
+
+def test_explicit_longer_context_is_refused(llama_checkpoint):
+    with pytest.raises(SystemExit, match="exceeds this checkpoint's multimodal_max_length 8192"):
+        build_argv(["--model", str(llama_checkpoint), "--max-model-len", "16384"])
+
+
+@pytest.fixture(scope="module")
+def llama_server(llama_checkpoint, tmp_path_factory):
+    log = tmp_path_factory.mktemp("llama-server") / "server.log"
+    args = ["--model", str(llama_checkpoint), "--served-model-name", "llama", "--dtype", "float32",
+            "--enforce-eager", "--max-num-seqs", "4", "--seed", "0"]
+    with running_server(args, log, env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as base:
+        yield base, log
+
+
+def test_llama_server_serves_the_reference_format(llama_server, llama_checkpoint):
+    base, log = llama_server
+    reference = ReferenceOvis(llama_checkpoint)
+    [model] = httpx.get(base + "/v1/models").json()["data"]
+    assert model["max_model_len"] == 8192
+    assert "multimodal_max_length" in log.read_text()  # logged at start-up
+
+    image = rand_image(3 * SIDE, 2 * SIDE, 5)
+    url = "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+    for system in (None, "  Answer briefly. "):
+        turns = ([("system", system)] if system else []) + [("user", "<image>\nDescribe it.")]
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": "Describe it."}]}]
+        tokens = httpx.post(base + "/tokenize", json={"model": "llama", "messages": messages,
+                                                      "add_generation_prompt": True}).json()["tokens"]
+        _, want = reference.merged_embeddings(reference.format_conversation(turns), [image])
+        assert tokens == [reference.image_pad_id if t < 0 else t for t in want]
+
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+    reply = client.chat.completions.create(model="llama", max_tokens=4, temperature=0,
+                                           messages=messages)
+    assert reply.usage.prompt_tokens == len(want)
+    with pytest.raises(openai.BadRequestError, match="no image was given"):
+        client.chat.completions.create(model="llama", max_tokens=4, messages=[
+            {"role": "user", "content": "What does <image> mean?"}])
