@@ -5,17 +5,24 @@
 Every vLLM flag goes to vLLM unchanged; our defaults fill in only what was not given:
 - no `--model`: the embedded default checkpoint (an Ovis1.6-Gemma2-shaped `tiny` model with
   random weights, generated on first use and cached under ~/.cache/ovis-vllm);
+- `--chat-template`: the reference's conversation format of the checkpoint's member
+  (engine/members.py): Gemma (no system role) or Llama 3 (the reference's default system prompt
+  when a request has none);
+- `--max-model-len`: the checkpoint's `multimodal_max_length` when the LLM allows more (the
+  reference never sees longer sequences); logged;
 - `--limit-mm-per-prompt {"image": 8}`;
 - on a machine without CUDA: `--gpu-memory-utilization 0.5` and VLLM_CPU_KVCACHE_SPACE=4 (GiB);
 - images from `image_url` parts are decoded as the reference sees them (engine/media.py), and
   redirects are not followed when fetching image URLs.
-The stop tokens (`<eos>`, `<end_of_turn>`) and the chat template come from the checkpoint.
+The stop tokens come from the checkpoint's generation_config.json (Gemma: `<eos>`,
+`<end_of_turn>`; Llama 3: `<|end_of_text|>`, `<|eom_id|>`, `<|eot_id|>`).
 
 Our own flags (taken out before vLLM sees the rest):
   --image-urls {public,any,off}   which http(s) image URLs the server fetches (default public:
                                   only hosts that resolve to public addresses)
-  --system-prompt {reject,merge}  a system message gets HTTP 400 (default, as the reference has
-                                  no system role) or is merged into the first user message
+  --system-prompt {reject,merge}  formats without a system role (Gemma): a system message gets
+                                  HTTP 400 (default, as the reference) or is merged into the
+                                  first user message
 """
 
 from __future__ import annotations
@@ -42,6 +49,63 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _value(argv: list[str], flag: str) -> str | None:
+    """The value of `flag VALUE` / `flag=VALUE` in argv, or None."""
+    for i, arg in enumerate(argv):
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def load_checkpoint_config(argv: list[str]):
+    """The served checkpoint's config as vLLM will read it (local directory, Hugging Face hub or
+    ModelScope with VLLM_USE_MODELSCOPE=True; `--hf-overrides` applied), or None if it cannot be
+    read here (vLLM then reports the problem itself)."""
+    from vllm.transformers_utils.config import get_config
+
+    overrides = json.loads(_value(argv, "--hf-overrides") or "{}")
+    try:
+        return get_config(_value(argv, "--model"), trust_remote_code=_given(argv, "--trust-remote-code"),
+                          revision=_value(argv, "--revision"), hf_overrides_kw=overrides)
+    except Exception as exc:  # noqa: BLE001  no defaults from the checkpoint; vLLM will say why
+        logger.warning("could not read the checkpoint's config for Ovis defaults: %s", exc)
+        return None
+
+
+def _checkpoint_defaults(argv: list[str], system_prompt: str) -> list[str]:
+    """Chat template and max model length from the served checkpoint's member row."""
+    from engine.members import member_of
+
+    config = load_checkpoint_config(argv)
+    member = member_of(config) if config is not None and \
+        "Ovis" in (getattr(config, "architectures", None) or []) else None
+    if member is None:
+        if system_prompt == "merge":
+            raise SystemExit("--system-prompt merge applies to Ovis1.6-Gemma2 checkpoints only")
+        return argv
+    conversation = member.conversation
+    if system_prompt == "merge" and conversation.system_merge_template is None:
+        raise SystemExit(f"--system-prompt merge is for conversation formats without a system "
+                         f"role; {member.name} has one")
+    if not _given(argv, "--chat-template"):
+        template = conversation.system_merge_template if system_prompt == "merge" \
+            else conversation.chat_template
+        argv += ["--chat-template", template]
+    llm_max = getattr(config.get_text_config(), "max_position_embeddings", None)
+    mm_max = config.multimodal_max_length
+    given = _value(argv, "--max-model-len")
+    if given is not None and given.isdigit() and int(given) > mm_max:
+        raise SystemExit(f"--max-model-len {given} exceeds this checkpoint's multimodal_max_length "
+                         f"{mm_max}: the reference model never sees longer sequences")
+    if given is None and llm_max is not None and llm_max > mm_max:
+        logger.info("serving with --max-model-len %d, the checkpoint's multimodal_max_length "
+                    "(the LLM allows %d; the reference never sees longer sequences)", mm_max, llm_max)
+        argv += ["--max-model-len", str(mm_max)]
+    return argv
+
+
 def _take_option(argv: list[str], flag: str, choices: tuple[str, ...], default: str) -> str:
     """Remove `flag VALUE` / `flag=VALUE` from argv and return VALUE."""
     value = default
@@ -63,15 +127,12 @@ def _take_option(argv: list[str], flag: str, choices: tuple[str, ...], default: 
 
 def build_argv(argv: list[str]) -> list[str]:
     """vLLM's argv: the user's flags plus our defaults for those not given."""
-    from engine.chat_template import SYSTEM_MERGE_CHAT_TEMPLATE
     from engine.media import URL_POLICIES
 
     argv = list(argv)
     os.environ["OVIS_IMAGE_URLS"] = _take_option(argv, "--image-urls", URL_POLICIES,
                                                  os.environ.get("OVIS_IMAGE_URLS", "public"))
     system_prompt = _take_option(argv, "--system-prompt", ("reject", "merge"), "reject")
-    if system_prompt == "merge" and not _given(argv, "--chat-template"):
-        argv += ["--chat-template", SYSTEM_MERGE_CHAT_TEMPLATE]
     os.environ.setdefault("VLLM_MEDIA_CONNECTOR", "ovis")
     os.environ.setdefault("VLLM_MEDIA_URL_ALLOW_REDIRECTS", "0")  # a redirect could reach a private host
     if argv and not argv[0].startswith("-"):  # `server.py MODEL ...`, like `vllm serve MODEL`
@@ -86,6 +147,7 @@ def build_argv(argv: list[str]) -> list[str]:
         argv = ["--model", str(path)] + argv
         if not _given(argv, "--served-model-name"):
             argv += ["--served-model-name", DEFAULT_SERVED_NAME]
+    argv = _checkpoint_defaults(argv, system_prompt)
     if not _given(argv, "--limit-mm-per-prompt"):
         argv += ["--limit-mm-per-prompt", json.dumps({"image": DEFAULT_IMAGE_LIMIT})]
     if not _has_cuda():
