@@ -63,8 +63,7 @@ def builtin_fallback_message(config) -> str:
     return (f"This Ovis checkpoint (visual tokenizer {backbone}, LLM {llm}) is not implemented by "
             "the ovis-vllm plugin yet: it is served by vLLM's built-in Ovis, which computes "
             "differently from AIDC-AI's reference (image indicator rows in reversed order; "
-            "prompts with images of different crop grids fail; the prompt text is tokenized "
-            "whole, not piece by piece around <image>). See README.md.")
+            "prompts with images of different crop grids fail). See README.md.")
 
 
 def image_pad_id(tokenizer, member: Member) -> int:

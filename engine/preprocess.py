@@ -1,7 +1,7 @@
 """Ovis1.6 image preprocessing: crop-grid choice and per-crop pixel values.
 
 Reproduces the reference model's preprocessing (AIDC-AI Ovis1.6 code line, see
-/work/shared/REFERENCE.md, "Choosing the crop grid" and "Preprocessing each crop") exactly:
+docs/reference.md, "Crop grid" and "Each crop") exactly:
 
 * ``image.convert("RGB")`` with plain PIL when the mode is not RGB. Alpha is dropped, NOT
   composited onto white (vLLM's ``convert_image_mode`` composites, which changes the pixels of

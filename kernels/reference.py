@@ -1,6 +1,6 @@
 """Float64 reference of Ovis's probabilistic visual embedding (tests and benchmarks only).
 
-Follows the model's definition literally (see shared/REFERENCE.md): LayerNorm over the Vh = V-5
+Follows the model's definition literally (see docs/reference.md): LayerNorm over the Vh = V-5
 head logits, softmax, pad the probability vector with zeros to width V, multiply by the whole
 visual embedding table (VTE). Everything is done in float64, so its own rounding error
 (~1e-16 relative) is negligible next to any bf16/fp16/fp32 implementation under test.
