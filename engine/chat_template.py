@@ -35,12 +35,13 @@ def _quoted(text: str) -> str:
 
 def _turns(opening: str, turn: dict[str, tuple[str, str]], generation_prompt: str) -> str:
     """`opening` (a Jinja expression), then per user/assistant message head + content|trim + tail,
-    then the generation prompt. `prefix` (set by the caller) goes in front of the first message's
-    text."""
+    then the generation prompt. `prefix` (set by the caller) goes in front of the text of the
+    first message when that is a user message."""
     branches = "".join(
         f"{'{%- if' if i == 0 else '{%- elif'} message['role'] == '{role}' -%}}"
-        f"{{{{ {_quoted(head)} + (prefix if loop.first else '') + message['content'] | trim + "
-        f"{_quoted(tail)} }}}}"
+        f"{{{{ {_quoted(head)} + "
+        f"{'(prefix if loop.first else %s) + ' % _quoted('') if role == 'user' else ''}"
+        f"message['content'] | trim + {_quoted(tail)} }}}}"
         for i, (role, (head, tail)) in enumerate(turn.items()))
     return (
         f"{{{{ {opening} }}}}"

@@ -46,9 +46,19 @@ def checkpoint_kind(config) -> tuple[str | None, str | None]:
     return getattr(visual, "model_type", None), getattr(llm, "model_type", None)
 
 
+def _visual_setting(config, key: str):
+    visual = config.get("visual_tokenizer_config") or {} if isinstance(config, dict) \
+        else getattr(config, "visual_tokenizer_config", None)
+    return visual.get(key) if isinstance(visual, dict) else getattr(visual, key, None)
+
+
 def member_of(config) -> Member | None:
     """The member row of an Ovis checkpoint's config, or None when this plugin does not
     implement it (vLLM's built-in then serves it)."""
+    # Ovis1.5 shares Ovis1.6's visual tokenizer type but has no hidden_stride merge and may use a
+    # multi-scale "hd_booster": a different model.
+    if (_visual_setting(config, "hidden_stride") or 1) < 2 or _visual_setting(config, "hd_booster"):
+        return None
     backbone, llm = checkpoint_kind(config)
     for member in MEMBERS:
         if member.backbone_type == backbone and member.llm_type == llm:

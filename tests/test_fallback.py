@@ -49,6 +49,18 @@ def test_ovis2_answers_image_prompts(ovis2):
     assert all(len(o.outputs[0].token_ids) == 4 for o in outs)
 
 
+def test_ovis15_is_not_taken_for_ovis16():
+    """Ovis1.5 shares Ovis1.6's visual tokenizer type, without the hidden_stride merge and with
+    a multi-scale booster: no member row (vLLM, which has no Ovis1.5 either, decides)."""
+    from engine.checkpoint import PRESETS, ovis_config
+
+    config = ovis_config(PRESETS["ovis1.6-gemma2-9b"])
+    assert member_of(config).name == "Ovis1.6-Gemma2"
+    for change in ({"hidden_stride": 1}, {"hd_booster": "s2wrapper"}):
+        ovis15 = dict(config, visual_tokenizer_config=dict(config["visual_tokenizer_config"], **change))
+        assert member_of(ovis15) is None, change
+
+
 def test_fallback_log_line_names_the_differences(ovis2):
     path, _ = ovis2
     message = builtin_fallback_message(json.loads((path / "config.json").read_text()))
