@@ -11,6 +11,10 @@ Llama 3 (Ovis1.6-Llama3.2):
     <|start_header_id|>user<|end_header_id|>\n\n{message}<|eot_id|>
     <|start_header_id|>assistant<|end_header_id|>\n\n
   Messages are stripped; without a system message the reference's default one is used.
+Qwen (Ovis2):
+    <|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{message}<|im_end|>\n
+    <|im_start|>assistant\n
+  No bos; messages are NOT stripped; without a system message the reference's default one is used.
 
 The templates write the special tokens as text; vLLM tokenizes the rendered prompt with the
 reference's rule (engine/renderer.py), so they become the tokenizer's special tokens.
@@ -33,7 +37,8 @@ def _quoted(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
 
-def _turns(opening: str, turn: dict[str, tuple[str, str]], generation_prompt: str) -> str:
+def _turns(opening: str, turn: dict[str, tuple[str, str]], generation_prompt: str,
+           strip: bool = True) -> str:
     """`opening` (a Jinja expression), then per user/assistant message head + content|trim + tail,
     then the generation prompt. `prefix` (set by the caller) goes in front of the text of the
     first message when that is a user message."""
@@ -41,7 +46,7 @@ def _turns(opening: str, turn: dict[str, tuple[str, str]], generation_prompt: st
         f"{'{%- if' if i == 0 else '{%- elif'} message['role'] == '{role}' -%}}"
         f"{{{{ {_quoted(head)} + "
         f"{'(prefix if loop.first else %s) + ' % _quoted('') if role == 'user' else ''}"
-        f"message['content'] | trim + {_quoted(tail)} }}}}"
+        f"message['content']{' | trim' if strip else ''} + {_quoted(tail)} }}}}"
         for i, (role, (head, tail)) in enumerate(turn.items()))
     return (
         f"{{{{ {opening} }}}}"
@@ -95,3 +100,19 @@ LLAMA3_CHAT_TEMPLATE = (
     _header("assistant"))
 
 LLAMA3 = Conversation("llama3", LLAMA3_CHAT_TEMPLATE, ("<|eot_id|>",))
+
+# ---- Qwen -------------------------------------------------------------------------------------
+QWEN_DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+QWEN_CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] -%}{%- set messages = messages[1:] -%}"
+    f"{{%- else -%}}{{%- set system = {_quoted(QWEN_DEFAULT_SYSTEM_PROMPT)} -%}}{{%- endif -%}}"
+    "{%- set prefix = '' -%}"
+) + _turns(
+    _quoted("<|im_start|>system\n") + " + system + " + _quoted("<|im_end|>\n"),
+    {"user": ("<|im_start|>user\n", "<|im_end|>\n"),
+     "assistant": ("<|im_start|>assistant\n", "<|im_end|>\n")},
+    "<|im_start|>assistant\n", strip=False)
+
+QWEN = Conversation("qwen", QWEN_CHAT_TEMPLATE, ("<|im_end|>",))

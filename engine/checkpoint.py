@@ -17,8 +17,7 @@ Presets (`--preset`):
   ovis1.6-gemma2-9b-gptq-int4   the 9B with its LLM layers GPTQ-quantized (4 bit, group 128)
   ovis1.6-llama3.2-3b-gptq-int4 the 3B likewise
   ovis2-1b                      Ovis2-1B-shaped: AIMv2 (AIDC-AI's module names) + Qwen2.5, Qwen2
-                                tokenizer, CLIP preprocessor config; served by vLLM's built-in
-                                until the plugin implements Ovis2
+                                tokenizer, CLIP preprocessor config
   tiny                          the embedded default model: Gemma2-9B-shaped, and a byte-level BPE
                                 tokenizer with Gemma's special ids that knows `<image>`
   wide                          Ovis1.6-Gemma2-9B's real widths, one layer each, for benchmarks

@@ -5,15 +5,16 @@ members share the visual tokenizer design (docs/reference.md); they differ in th
 vision backbone, the token that fills an image's prompt positions, whether the LLM scales its
 input embeddings, and the conversation format. A new member is a row in MEMBERS.
 
-Checkpoints with no row here (Ovis2 with AIMv2, Ovis1.5) are served by vLLM's built-in Ovis
-(engine/model.py), so installing the plugin never loses a checkpoint that vLLM serves.
+Checkpoints with no row here (Ovis1.5, or a combination no release uses) are handed to vLLM's
+built-in Ovis (engine/model.py), so installing the plugin never loses a checkpoint that vLLM
+serves.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .chat_template import GEMMA, LLAMA3, Conversation
+from .chat_template import GEMMA, LLAMA3, QWEN, Conversation
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ MEMBERS = (
     # Ovis1.6-Llama3.2-3B (and GPTQ-Int4): Llama has no embedding scale.
     Member("Ovis1.6-Llama3.2", "llama", "siglip_visual_tokenizer", "<|reserved_special_token_0|>",
            False, LLAMA3),
+    # Ovis2-1B ... 34B: AIMv2 + Qwen2.5, no embedding scale.
+    Member("Ovis2", "qwen2", "aimv2_visual_tokenizer", "<|image_pad|>", False, QWEN),
 )
 
 

@@ -1,18 +1,19 @@
-"""Ovis1.6 for vLLM, computing what the reference model computes (docs/reference.md).
+"""Ovis1.6 and Ovis2 for vLLM, computing what the reference model computes (docs/reference.md).
 
-    pixels -> SigLIP (last encoder layer, no post-LayerNorm) -> hidden_stride merge
+    pixels -> SigLIP / AIMv2 (last layer, before the final norm) -> hidden_stride merge
            -> head Linear -> [LayerNorm -> softmax -> (+5 zero columns) @ VTE]   (kernels/)
     image  -> [indicator rows and per-crop embeddings in the reference layout]
               (* sqrt(hidden) where the LLM scales its input embeddings: Gemma2)
-    prompt -> the LLM (Gemma2, Llama) with those embeddings over the image's placeholder positions
+    prompt -> the LLM (Gemma2, Llama, Qwen2) with those embeddings over the image's placeholders
 
-What differs per member (LLM, pad token, embedding scale) comes from engine/members.py. A
-checkpoint with no row there (Ovis2, Ovis1.5) is built as vLLM's built-in Ovis instead, with one
-log line, so installing the plugin never loses a checkpoint that vLLM alone serves.
+What differs per member (LLM, backbone, pad token, embedding scale) comes from
+engine/members.py. A checkpoint with no row there (Ovis1.5) is built as vLLM's built-in Ovis
+instead, with one log line, so installing the plugin never loses a checkpoint that vLLM serves.
 
 Where this differs from vLLM's built-in Ovis: indicators take VTE rows V-5..V-1 in the reference
 order, SigLIP's post-LayerNorm is skipped, visual rows get Gemma2's sqrt(hidden_size) embedding
-scale like the text rows, and a quantized checkpoint's quantization applies to the LLM only.
+scale like the text rows, images of different crop grids share a prompt, and a quantized
+checkpoint's quantization applies to the LLM only.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from vllm.distributed import (
 )
 from vllm.logger import init_logger
 from vllm.model_executor.models import ovis as builtin_ovis
+from vllm.model_executor.models.aimv2 import AIMv2Model
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal, SupportsPP
 from vllm.model_executor.models.siglip import SiglipVisionModel
 from vllm.model_executor.models.utils import AutoWeightsLoader, init_vllm_registered_model, maybe_prefix
@@ -163,8 +165,8 @@ class ShardedVTE(nn.Module):
 
 
 class OvisVisualTokenizer(nn.Module):
-    """SigLIP backbone + head: crops -> per-token logits over this rank's slice of the visual
-    vocabulary (pre-LayerNorm).
+    """Vision backbone (SigLIP or AIMv2) + head: crops -> per-token logits over this rank's slice
+    of the visual vocabulary (pre-LayerNorm).
 
     The LayerNorm (`head.1`) is applied inside the visual-embedding kernel, fused with the
     softmax and the VTE product."""
@@ -172,10 +174,13 @@ class OvisVisualTokenizer(nn.Module):
     def __init__(self, config, shard: VocabShard, prefix: str = ""):
         super().__init__()
         self.hidden_stride = config.hidden_stride
-        # Ovis reads hidden_states[-1]: the last encoder layer BEFORE SigLIP's post-LayerNorm.
-        # Unquantized: the GPTQ releases quantize the LLM only.
-        self.backbone = SiglipVisionModel(config.backbone_config, None,
-                                          require_post_norm=False, prefix=maybe_prefix(prefix, "backbone"))
+        # Ovis reads hidden_states[-1]: the last encoder layer BEFORE the backbone's final norm
+        # (SigLIP's post_layernorm, AIMv2's trunk.post_trunk_norm). Unquantized: the GPTQ
+        # releases quantize the LLM only.
+        backbone = AIMv2Model if config.backbone_config.model_type == "aimv2_vision_model" \
+            else SiglipVisionModel
+        self.backbone = backbone(config.backbone_config, None, require_post_norm=False,
+                                 prefix=maybe_prefix(prefix, "backbone"))
         in_features = config.backbone_config.hidden_size * self.hidden_stride**2
         self.head = nn.Sequential(ShardedHeadLinear(in_features, shard), ShardedLayerNorm(shard))
 

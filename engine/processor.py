@@ -86,9 +86,25 @@ class OvisProcessingInfo(BaseProcessingInfo):
     def backbone_config(self):
         return self.get_hf_config().visual_tokenizer_config.backbone_config
 
+    @functools.cached_property
+    def image_settings(self) -> dict[str, object]:
+        """Side, mean, std and rescale factor from the checkpoint's preprocessor_config.json, as
+        the reference's image processor uses them: the crop side is `crop_size` for CLIP's
+        processor (Ovis2) and `size` for SigLIP's (Ovis1.6)."""
+        cfg = self.ctx.get_hf_image_processor_config() or {}
+        size = cfg.get("crop_size") if "CLIP" in cfg.get("image_processor_type", "") else cfg.get("size")
+        side = (size or {}).get("height", self.backbone_config.image_size)
+        if cfg.get("resample", 3) != 3:
+            raise ValueError(f"preprocessor_config.json asks for resample {cfg['resample']}; the "
+                             "Ovis releases use 3 (bicubic), the only one implemented")
+        return {"side": int(side),
+                "image_mean": tuple(cfg.get("image_mean", (0.5, 0.5, 0.5))),
+                "image_std": tuple(cfg.get("image_std", (0.5, 0.5, 0.5))),
+                "rescale_factor": float(cfg.get("rescale_factor", 1 / 255))}
+
     @property
     def image_side(self) -> int:
-        return self.backbone_config.image_size
+        return self.image_settings["side"]
 
     @property
     def tokens_per_crop(self) -> int:
@@ -181,14 +197,15 @@ class OvisMultiModalProcessor(BaseMultiModalProcessor[OvisProcessingInfo]):
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
         opts = self.info.processor_options(hf_kwargs)
-        side = self.info.image_side
+        settings = dict(self.info.image_settings)
+        side = settings.pop("side")
         # The model casts pixels to its dtype before anything else; casting here gives the same
         # values and halves (bf16) what the processor caches keep and what goes to the engine.
         dtype = self.info.ctx.model_config.dtype
         pixels, grids = [], []
         for index, image in enumerate(hf_data.get("images", [])):
             try:
-                px, grid = preprocess_image(_as_pil(image), side, **opts)
+                px, grid = preprocess_image(_as_pil(image), side, **opts, **settings)
             except ValueError as exc:
                 raise ValueError(f"image {index}: {exc}") from exc
             pixels.append(px.to(dtype))

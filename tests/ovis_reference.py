@@ -16,12 +16,15 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import (
+    Aimv2VisionConfig,
+    Aimv2VisionModel,
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     SiglipVisionConfig,
     SiglipVisionModel,
 )
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 IMAGE_TOKEN_ID, IMAGE_ATOM_ID = -200, -300
@@ -31,7 +34,8 @@ IMAGE_INDICATOR_IDS = [-301, -302, -303, -304, -305]
 BUILTIN_QUIRKS = ("reversed_indicators", "post_layernorm", "unscaled_visual")
 
 # The token vLLM (ours and the built-in) fills image positions with, per LLM type.
-IMAGE_PAD_TOKENS = {"gemma2": "<unused0>", "llama": "<|reserved_special_token_0|>"}
+IMAGE_PAD_TOKENS = {"gemma2": "<unused0>", "llama": "<|reserved_special_token_0|>",
+                    "qwen2": "<|image_pad|>"}
 
 
 def dequantize_gptq(qweight, qzeros, scales, g_idx) -> torch.Tensor:
@@ -64,6 +68,7 @@ class GemmaConversationFormatter:
     im_end = "<end_of_turn>\n"
     bos_token = "<bos>"
     default_system_prompt = None
+    strip_messages = True
 
     def __init__(self, tokenize_with_image_symbol):
         self.tokenize = tokenize_with_image_symbol
@@ -78,7 +83,8 @@ class GemmaConversationFormatter:
             conversations.append({"from": "gpt", "value": generation_preface})
         prompt, input_ids = self.bos_token, self.tokenize(self.bos_token)
         for i, conversation in enumerate(conversations):
-            text = self.from2role[conversation["from"]] + conversation["value"].strip()
+            message = conversation["value"]
+            text = self.from2role[conversation["from"]] + (message.strip() if self.strip_messages else message)
             if i < len(conversations) - 1 or generation_preface is None:
                 text += self.im_end
             prompt += text
@@ -96,8 +102,45 @@ class Llama3ConversationFormatter(GemmaConversationFormatter):
     default_system_prompt = "You are a helpful and honest multimodal assistant."
 
 
+class QwenConversationFormatter(GemmaConversationFormatter):
+    from2role = {"system": "<|im_start|>system\n", "human": "<|im_start|>user\n",
+                 "gpt": "<|im_start|>assistant\n"}
+    im_end = "<|im_end|>\n"
+    bos_token = ""
+    default_system_prompt = "You are a helpful assistant."
+    strip_messages = False
+
+
 FORMATTERS = {"GemmaConversationFormatter": GemmaConversationFormatter,
-              "Llama3ConversationFormatter": Llama3ConversationFormatter}
+              "Llama3ConversationFormatter": Llama3ConversationFormatter,
+              "QwenConversationFormatter": QwenConversationFormatter}
+
+
+def aimv2_weights(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """AIDC-AI's AIMv2 tensor names (preprocessor.*, trunk.blocks.N.{attn.qkv, attn.proj, norm_1,
+    norm_2, mlp.fc1/fc2/fc3}) renamed to transformers' Aimv2VisionModel ones; qkv split in three."""
+    out = {}
+    for name, tensor in weights.items():
+        if not name.startswith(prefix):
+            continue
+        name = name[len(prefix):]
+        if name == "preprocessor.pos_embed":
+            out["embeddings.position_embedding.weight"] = tensor[0]
+            continue
+        if name.endswith("attn.qkv.weight"):
+            block = name.removesuffix("attn.qkv.weight").replace("trunk.blocks.", "encoder.layers.")
+            for proj, part in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3)):
+                out[f"{block}attention.{proj}.weight"] = part
+            continue
+        for old, new in (("preprocessor.patchifier.proj.", "embeddings.patch_embed."),
+                         ("preprocessor.patchifier.norm.", "embeddings.rms_norm."),
+                         ("trunk.post_trunk_norm.", "rms_norm."), ("trunk.blocks.", "encoder.layers."),
+                         ("attn.proj.", "attention.out_proj."), ("norm_1.", "rms_norm1."),
+                         ("norm_2.", "rms_norm2."), ("mlp.fc1.", "ffn.gate_proj."),
+                         ("mlp.fc3.", "ffn.up_proj."), ("mlp.fc2.", "ffn.down_proj.")):
+            name = name.replace(old, new)
+        out[name] = tensor
+    return out
 
 
 def reference_partition(width, height, grid):
@@ -222,9 +265,16 @@ class ReferenceOvis:
 
         vt = cfg["visual_tokenizer_config"]
         bb = dict(vt["backbone_config"])
-        bb.pop("model_type")
-        self.backbone = SiglipVisionModel(SiglipVisionConfig(**bb)).to(dtype).eval()
-        self.side = bb["image_size"]
+        self.backbone_type = bb.pop("model_type")
+        if self.backbone_type == "aimv2":  # AIDC-AI's AIMv2Config -> transformers' (no pooling head)
+            self.backbone = Aimv2VisionModel(Aimv2VisionConfig(
+                hidden_size=bb["hidden_size"], intermediate_size=bb["intermediate_size"],
+                num_hidden_layers=bb["num_hidden_layers"], num_attention_heads=bb["num_attention_heads"],
+                num_channels=bb["num_channels"], image_size=bb["image_size"], patch_size=bb["patch_size"],
+                rms_norm_eps=bb["rms_norm_eps"], qkv_bias=bb["qkv_bias"], mlp_bias=bb["use_bias"],
+                use_head=False)).to(dtype).eval()
+        else:
+            self.backbone = SiglipVisionModel(SiglipVisionConfig(**bb)).to(dtype).eval()
         self.hidden_stride = vt["hidden_stride"]
         self.visual_vocab = vt["vocab_size"]
         head_width = self.visual_vocab - 5
@@ -239,17 +289,30 @@ class ReferenceOvis:
         weights = {k: v.to(dtype) if v.is_floating_point() else v
                    for k, v in dequantized_weights(weights).items()}
         self._load(self.llm, weights, "llm.", strict_missing={"lm_head.weight"})
-        # transformers 5.x's SiglipVisionModel names its tensors without the `vision_model.` level.
-        self._load(self.backbone, weights, "visual_tokenizer.backbone.vision_model.")
+        if self.backbone_type == "aimv2":
+            self._load(self.backbone, aimv2_weights(weights, "visual_tokenizer.backbone."), "")
+        else:
+            # transformers 5.x's SiglipVisionModel names its tensors without `vision_model.`.
+            self._load(self.backbone, weights, "visual_tokenizer.backbone.vision_model.")
         self._load(self.head, weights, "visual_tokenizer.head.")
         self._load(self.vte, weights, "vte.")
         self.llm.tie_weights()
 
+        # The reference's image processor: SigLIP's (Ovis1.6, side = size) or CLIP's without the
+        # centre crop (Ovis2, side = crop_size), with the checkpoint's settings.
         pp = json.loads((path / "preprocessor_config.json").read_text())
-        self.image_processor = SiglipImageProcessorPil(
-            do_resize=True, size={"height": self.side, "width": self.side}, resample=pp["resample"],
-            do_rescale=True, rescale_factor=pp["rescale_factor"], do_normalize=True,
-            image_mean=pp["image_mean"], image_std=pp["image_std"])
+        common = dict(do_resize=True, resample=pp["resample"], do_rescale=True,
+                      rescale_factor=pp["rescale_factor"], do_normalize=True,
+                      image_mean=pp["image_mean"], image_std=pp["image_std"])
+        if pp["image_processor_type"] == "CLIPImageProcessor":
+            self.side = pp["crop_size"]["height"]
+            self.image_processor = CLIPImageProcessorPil(
+                size={"shortest_edge": self.side}, crop_size=pp["crop_size"], do_center_crop=False,
+                do_convert_rgb=pp.get("do_convert_rgb", True), **common)
+        else:
+            self.side = pp["size"]["height"]
+            self.image_processor = SiglipImageProcessorPil(
+                size={"height": self.side, "width": self.side}, **common)
 
     def _load(self, module, weights, prefix, strict_missing=()):
         sd = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}

@@ -1,5 +1,5 @@
 """Make each difference of vLLM's built-in Ovis (docs/reference.md, "Where vLLM 0.32's built-in
-Ovis differs") visible, on the `tiny` checkpoint and on each Ovis1.6 member preset.
+Ovis differs") visible, on the `tiny` checkpoint and on each member preset (Ovis1.6 and Ovis2).
 
 The built-in runs in a subprocess with our plugin disabled (VLLM_PLUGINS=none) on the same
 checkpoints. Its prompt log-probabilities are far from the reference's, each numerical difference
@@ -24,7 +24,7 @@ from tests.ovis_reference import BUILTIN_QUIRKS, ReferenceOvis
 
 EMULATION_ATOL = 2e-4   # built-in vs the reference with all three quirks emulated (fp32)
 VISIBLE_GAP = 1e-2      # a difference is "visible" when it moves some prompt logprob this much
-MEMBER_PRESETS = ["ovis1.6-gemma2-9b", "ovis1.6-gemma2-27b", "ovis1.6-llama3.2-3b"]
+MEMBER_PRESETS = ["ovis1.6-gemma2-9b", "ovis1.6-gemma2-27b", "ovis1.6-llama3.2-3b", "ovis2-1b"]
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +81,16 @@ def test_builtin_is_vllms_own_class(builtin):
 @pytest.mark.parametrize("name", ["tiny"] + MEMBER_PRESETS)
 def test_builtin_differs_and_its_quirks_explain_it(builtin, name):
     """The built-in's prompt log-probabilities are far from the reference's; the quirks that apply
-    to the member (the embedding scale only where the LLM has one) each move the reference, and
-    all of them together reproduce the built-in."""
+    to the member (the embedding scale only where the LLM has one, the post-norm only on SigLIP:
+    the built-in builds AIMv2 without its final norm) each move the reference, and all of them
+    together reproduce the built-in."""
     _, results, cases, reference = builtin[name]
     turns, images = cases["one_image"]
     ids = results["one_image"]["prompt_token_ids"]
     builtin_logprobs = torch.tensor(results["one_image"]["prompt_logprobs"][1:])
-    quirks = [q for q in BUILTIN_QUIRKS if q != "unscaled_visual" or reference.embedding_scale]
+    applies = {"unscaled_visual": reference.embedding_scale is not None,
+               "post_layernorm": reference.backbone_type != "aimv2"}
+    quirks = [q for q in BUILTIN_QUIRKS if applies.get(q, True)]
 
     exact = _reference_logprobs(reference, turns, images, ids)
     assert (builtin_logprobs - exact).abs().max() > VISIBLE_GAP, "the built-in should differ"

@@ -1,4 +1,4 @@
-"""Every Ovis1.6 member on the "Ovis" architecture against the independent reference, in fp32.
+"""Every implemented member on the "Ovis" architecture against the independent reference, in fp32.
 
 One generated checkpoint per member preset (engine/checkpoint.py), each mirroring the published
 files at small widths, with a tokenizer of the base LLM's kind that has no `<image>` token and
@@ -24,7 +24,7 @@ from tests.helpers import (
 )
 from tests.ovis_reference import ReferenceOvis
 
-MEMBER_PRESETS = ["ovis1.6-gemma2-9b", "ovis1.6-gemma2-27b", "ovis1.6-llama3.2-3b"]
+MEMBER_PRESETS = ["ovis1.6-gemma2-9b", "ovis1.6-gemma2-27b", "ovis1.6-llama3.2-3b", "ovis2-1b"]
 
 
 @pytest.fixture(scope="module", params=MEMBER_PRESETS)
@@ -63,7 +63,7 @@ def test_reference_tokenization_and_parity(member):
     preset, _, template, engine, reference = member
     cases = [(turns, _images(turns, 10 * i)) for i, turns in enumerate(MARKER_CASES)]
     cases.append(([("user", "Text only, no image.")], []))
-    if reference.formatter.default_system_prompt is not None:  # Llama 3: a system role
+    if reference.formatter.default_system_prompt is not None:  # Llama 3, Qwen: a system role
         cases.append(([("system", "  Answer briefly. "), ("user", "<image>\nWhat is shown?")],
                       [rand_image(2 * SIDE, SIDE, 90)]))
     outs = run_engine(engine, cases, chat_template=template)
@@ -106,7 +106,7 @@ def test_stops_at_the_members_turn_end(member):
     from vllm import SamplingParams
 
     preset, _, template, engine, reference = member
-    turn_end = {"gemma2": "<end_of_turn>", "llama": "<|eot_id|>"}[reference.llm_type]
+    turn_end = {"gemma2": "<end_of_turn>", "llama": "<|eot_id|>", "qwen2": "<|im_end|>"}[reference.llm_type]
     stop_id = engine.get_tokenizer().convert_tokens_to_ids(turn_end)
     prompt = chat_prompt(engine.get_tokenizer(), [("user", "Say something.")], template)
     params = SamplingParams(temperature=0, max_tokens=5, logit_bias={stop_id: 100.0})

