@@ -71,6 +71,8 @@ class Preset:
     multimodal_max_length: int = 8192
     name_or_path: str = "google/gemma-2-9b-it"  # llm_config._name_or_path
     backbone: str = "siglip"  # "siglip" (Ovis1.6) | "aimv2" (Ovis2)
+    backbone_name_or_path: str = "google/siglip-so400m-patch14-384"
+    tie_word_embeddings: bool = True
 
 
 # Small vision tower shared by the test presets: side 76 / patch 14 gives a 5x5 patch grid (odd,
@@ -84,6 +86,11 @@ _LLAMA32_3B = Preset(llm="llama", tokenizer="llama3", text_vocab=128256, hidden=
                      intermediate=256, layers=2, heads=2, kv_heads=1, head_dim=64, dtype="float32",
                      name_or_path="meta-llama/Llama-3.2-3B-Instruct", **_SMALL_VISION)
 
+_OVIS2_1B = replace(_GEMMA2_9B, llm="qwen2", tokenizer="qwen2", backbone="aimv2", text_vocab=151936,
+                    image_size=56, multimodal_max_length=32768,
+                    name_or_path="Qwen/Qwen2.5-0.5B-Instruct",
+                    backbone_name_or_path="apple/aimv2-large-patch14-448")
+
 PRESETS = {
     "ovis1.6-gemma2-9b": _GEMMA2_9B,
     # 27B: hidden 4608, 32 heads of head_dim 128 (4096 != hidden), query_pre_attn_scalar 144 =
@@ -94,13 +101,17 @@ PRESETS = {
     # GPTQ releases: fp16 unquantized tensors and scales, as AutoGPTQ writes them.
     "ovis1.6-gemma2-9b-gptq-int4": replace(_GEMMA2_9B, gptq_group_size=128, dtype="float16"),
     "ovis1.6-llama3.2-3b-gptq-int4": replace(_LLAMA32_3B, gptq_group_size=128, dtype="float16"),
-    # Ovis2-1B: AIMv2-large (448/14) + Qwen2.5-0.5B. Mirrored: side 56 / patch 14 (a 4x4 patch
-    # grid, divisible by hidden_stride 2 as vLLM's built-in requires), vocabulary padded to
-    # 151936 like Qwen2.5's.
-    "ovis2-1b": replace(_GEMMA2_9B, llm="qwen2", tokenizer="qwen2", backbone="aimv2",
-                        text_vocab=151936, image_size=56, multimodal_max_length=32768,
-                        name_or_path="Qwen/Qwen2.5-0.5B-Instruct"),
+    # Ovis2-1B: AIMv2-large (448/14) + Qwen2.5-0.5B (tied embeddings, lm_head stored anyway, as
+    # in the releases). Mirrored: side 56 / patch 14 (a 4x4 patch grid, divisible by
+    # hidden_stride 2 as vLLM's built-in requires), vocabulary padded to 151936 like Qwen2.5's.
+    "ovis2-1b": _OVIS2_1B,
+    # Ovis2-8B: AIMv2-huge + Qwen2.5-7B, untied lm_head (vocabulary 152064), kv heads 4 of 28.
+    "ovis2-8b": replace(_OVIS2_1B, text_vocab=152064, tie_word_embeddings=False, heads=4,
+                        kv_heads=2, hidden=256, intermediate=512,
+                        name_or_path="Qwen/Qwen2.5-7B-Instruct",
+                        backbone_name_or_path="apple/aimv2-huge-patch14-448"),
     "tiny": replace(_GEMMA2_9B, tokenizer="bytelevel-image", text_vocab=512),
+    "ovis2-8b-gptq-int4": None,  # set below (needs the ovis2-8b entry)
     # Real widths (Ovis1.6-Gemma2-9B) with one layer each, for benchmarks.
     "wide": Preset(
         llm="gemma2", tokenizer="bytelevel-image", text_vocab=512, hidden=3584, intermediate=14336,
@@ -109,6 +120,14 @@ PRESETS = {
         visual_vocab=65536, dtype="bfloat16",
     ),
 }
+PRESETS["ovis2-8b-gptq-int4"] = replace(PRESETS["ovis2-8b"], gptq_group_size=128, dtype="float16")
+# Ovis2-8B's real widths (AIMv2-huge 1536, Qwen2.5-7B 3584, side 448) with one layer each, for
+# benchmarks; embeddings tied to keep the 151936-row vocabulary to one copy.
+PRESETS["ovis2-wide"] = replace(
+    PRESETS["ovis2-8b"], text_vocab=151936, tie_word_embeddings=True, hidden=3584,
+    intermediate=18944, layers=1, heads=28, kv_heads=4, head_dim=128, vis_width=1536,
+    vis_intermediate=4096, vis_layers=1, vis_heads=12, image_size=448, visual_vocab=65536,
+    dtype="bfloat16")
 
 
 def _tokenizer(p: Preset):
@@ -157,7 +176,8 @@ def _llm_config(p: Preset) -> dict:
         "vocab_size": p.text_vocab, "hidden_size": p.hidden, "intermediate_size": p.intermediate,
         "num_hidden_layers": p.layers, "num_attention_heads": p.heads,
         "num_key_value_heads": p.kv_heads, "head_dim": p.head_dim, "attention_bias": False,
-        "attention_dropout": 0.0, "initializer_range": 0.02, "tie_word_embeddings": True,
+        "attention_dropout": 0.0, "initializer_range": 0.02,
+        "tie_word_embeddings": p.tie_word_embeddings,
         "torch_dtype": p.dtype, "use_cache": True,
     }
     if p.llm == "gemma2":
@@ -171,12 +191,13 @@ def _llm_config(p: Preset) -> dict:
             "cache_implementation": "hybrid",
             "pad_token_id": PAD_ID, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
         })
-    if p.llm == "qwen2":
+    if p.llm == "qwen2":  # Ovis2-4B's llm_config (transformers 4.46)
         return _full_dict(**common, **{
+            "_attn_implementation_autoset": True,
             "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_act": "silu",
             "max_position_embeddings": 32768, "max_window_layers": p.layers, "rms_norm_eps": 1e-6,
-            "rope_theta": 1000000.0, "sliding_window": 32768, "use_sliding_window": False,
-            "bos_token_id": 151643, "eos_token_id": 151645,
+            "rope_scaling": None, "rope_theta": 1000000.0, "sliding_window": None,
+            "use_sliding_window": False, "bos_token_id": 151643, "eos_token_id": 151645,
         })
     return _full_dict(**common, **{
         "model_type": "llama", "architectures": ["LlamaForCausalLM"],
@@ -197,11 +218,15 @@ def _backbone_config(p: Preset) -> dict:
                   num_hidden_layers=p.vis_layers, num_attention_heads=p.vis_heads, num_channels=3,
                   image_size=p.image_size, patch_size=p.patch_size, attention_dropout=0.0,
                   torch_dtype="float32")
-    if p.backbone == "aimv2":  # AIDC-AI's AIMv2Config
-        return _full_dict(**shared, _name_or_path="apple/aimv2-large-patch14-448",
+    if p.backbone == "aimv2":  # AIDC-AI's AIMv2Config, as in Ovis2-4B's config.json
+        return _full_dict(**shared | {"torch_dtype": "bfloat16"},
+                          _name_or_path=p.backbone_name_or_path, architectures=["AIMv2Model"],
+                          auto_map={"AutoConfig": "configuration_aimv2.AIMv2Config",
+                                    "AutoModel": "modeling_aimv2.AIMv2Model",
+                                    "FlaxAutoModel": "modeling_flax_aimv2.FlaxAIMv2Model"},
                           model_type="aimv2", rms_norm_eps=1e-5, qkv_bias=False, use_bias=False,
                           projection_dropout=0.0)
-    return _full_dict(**shared, _name_or_path="google/siglip-so400m-patch14-384",
+    return _full_dict(**shared, _name_or_path=p.backbone_name_or_path,
                       model_type="siglip_vision_model", hidden_act="gelu_pytorch_tanh",
                       layer_norm_eps=1e-6)
 
@@ -212,6 +237,10 @@ def ovis_config(p: Preset) -> dict:
         model_type=f"{p.backbone}_visual_tokenizer", backbone_config=backbone, backbone_kwargs={},
         depths=None, drop_cls_token=False, hidden_stride=p.hidden_stride, tau=1.0,
         tokenize_function="softmax", vocab_size=p.visual_vocab, torch_dtype="float32")
+    if p.backbone == "aimv2":  # Ovis2-4B's: a stray use_indicators, dtype unset
+        visual |= {"_name_or_path": "", "architectures": None, "torch_dtype": None,
+                   "use_indicators": False}
+        visual = dict(sorted(visual.items()))
     config = {
         "architectures": ["Ovis"],
         "auto_map": {"AutoConfig": "configuration_ovis.OvisConfig",
@@ -219,12 +248,12 @@ def ovis_config(p: Preset) -> dict:
         "conversation_formatter_class": _FORMATTERS[p.llm],
         "disable_tie_weight": False,
         "hidden_size": p.hidden,
-        "llm_attn_implementation": "eager",
+        "llm_attn_implementation": "flash_attention_2" if p.llm == "qwen2" else "eager",
         "llm_config": _llm_config(p),
         "model_type": "ovis",
         "multimodal_max_length": p.multimodal_max_length,
         "torch_dtype": p.dtype,
-        "transformers_version": "4.44.2",
+        "transformers_version": "4.46.2" if p.llm == "qwen2" else "4.44.2",
         "use_cache": True,
         "visual_tokenizer_config": visual,
     }
@@ -242,10 +271,12 @@ def gptq_config(p: Preset) -> dict:
 
 
 def generation_config(p: Preset) -> dict:
-    if p.llm == "qwen2":
-        return {"bos_token_id": 151643, "eos_token_id": [151645, 151643],
+    if p.llm == "qwen2":  # Ovis2-4B's (1B/2B: Qwen2.5-0.5B/1.5B's repetition penalty 1.1)
+        return {"bos_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
                 "multimodal_max_length": p.multimodal_max_length, "pad_token_id": 151643,
-                "transformers_version": "4.46.2"}
+                "repetition_penalty": 1.1 if p.name_or_path.endswith(
+                    ("0.5B-Instruct", "1.5B-Instruct")) else 1.05,
+                "temperature": 0.7, "top_k": 20, "top_p": 0.8, "transformers_version": "4.46.2"}
     if p.llm == "gemma2":  # google/gemma-2-9b-it's
         return {"_from_model_config": True, "bos_token_id": BOS_ID, "cache_implementation": "hybrid",
                 "eos_token_id": [EOS_ID, END_OF_TURN_ID], "pad_token_id": PAD_ID,
@@ -324,6 +355,8 @@ def _tensor_shapes(p: Preset) -> dict[str, tuple[int, ...]]:
         for norm in norms:
             shapes[pre + norm + ".weight"] = (p.hidden,)
     shapes["llm.model.norm.weight"] = (p.hidden,)
+    if p.llm == "qwen2":  # the Ovis2 releases store lm_head, tied (1B-4B) or not
+        shapes["llm.lm_head.weight"] = (p.text_vocab, p.hidden)
     shapes |= _backbone_shapes(p)
     head_in = p.vis_width * p.hidden_stride**2
     head_out = p.visual_vocab - NUM_INDICATORS
@@ -422,6 +455,8 @@ def write_checkpoint(out_dir: str | os.PathLike, preset: str | Preset = "tiny", 
             tensors |= {f"{layer}.{k}": v for k, v in gptq_pack(weight, p.gptq_group_size).items()}
         else:
             tensors[name] = weight.to(dtype).contiguous()
+    if p.tie_word_embeddings and "llm.lm_head.weight" in tensors:  # stored, and equal
+        tensors["llm.lm_head.weight"] = tensors["llm.model.embed_tokens.weight"].clone()
     if p.gptq_group_size is None:
         save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     else:  # AutoGPTQ's file name and metadata

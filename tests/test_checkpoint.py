@@ -50,6 +50,34 @@ PUBLISHED_QUANTIZE_CONFIG = """{
   "is_marlin_format": false,
   "quant_method": "gptq"
 }"""
+PUBLISHED_OVIS2_PREPROCESSOR_CONFIG = """{
+  "crop_size": {
+    "height": 448,
+    "width": 448
+  },
+  "do_center_crop": false,
+  "do_convert_rgb": true,
+  "do_normalize": true,
+  "do_rescale": true,
+  "do_resize": true,
+  "image_mean": [
+    0.48145466,
+    0.4578275,
+    0.40821073
+  ],
+  "image_processor_type": "CLIPImageProcessor",
+  "image_std": [
+    0.26862954,
+    0.26130258,
+    0.27577711
+  ],
+  "resample": 3,
+  "rescale_factor": 0.00392156862745098,
+  "size": {
+    "shortest_edge": 448
+  }
+}
+"""
 # The start of Ovis1.6-Gemma2-9B's config.json: top-level keys, then llm_config's first keys.
 PUBLISHED_TOP_KEYS = ["architectures", "auto_map", "conversation_formatter_class",
                       "disable_tie_weight", "hidden_size", "llm_attn_implementation", "llm_config"]
@@ -67,7 +95,8 @@ PUBLISHED_LLM_KEYS = ["_name_or_path", "add_cross_attention", "architectures", "
 MEMBER_PRESETS = {"ovis1.6-gemma2-9b": "Ovis1.6-Gemma2", "ovis1.6-gemma2-27b": "Ovis1.6-Gemma2",
                   "ovis1.6-llama3.2-3b": "Ovis1.6-Llama3.2",
                   "ovis1.6-gemma2-9b-gptq-int4": "Ovis1.6-Gemma2",
-                  "ovis1.6-llama3.2-3b-gptq-int4": "Ovis1.6-Llama3.2"}
+                  "ovis1.6-llama3.2-3b-gptq-int4": "Ovis1.6-Llama3.2",
+                  "ovis2-1b": "Ovis2", "ovis2-8b": "Ovis2", "ovis2-8b-gptq-int4": "Ovis2"}
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +160,10 @@ def test_published_files_verbatim(tmp_path):
     assert (wide / "preprocessor_config.json").read_text() == PUBLISHED_PREPROCESSOR_CONFIG
     gptq = write_checkpoint(tmp_path / "gptq", "ovis1.6-gemma2-9b-gptq-int4")
     assert (gptq / "quantize_config.json").read_text() == PUBLISHED_QUANTIZE_CONFIG
+    from engine.checkpoint import preprocessor_config
+
+    ovis2 = json.dumps(preprocessor_config(PRESETS["ovis2-wide"]), indent=2, sort_keys=True) + "\n"
+    assert ovis2 == PUBLISHED_OVIS2_PREPROCESSOR_CONFIG
 
 
 @pytest.mark.parametrize("preset", sorted(MEMBER_PRESETS))
@@ -145,8 +178,14 @@ def test_member_presets_mirror_the_published_layout(preset, tmp_path):
     if llm["model_type"] == "gemma2":
         assert list(llm)[:len(PUBLISHED_LLM_KEYS)] == PUBLISHED_LLM_KEYS
         assert (llm["attn_logit_softcapping"], llm["final_logit_softcapping"]) == (50.0, 30.0)
-    else:
+    elif llm["model_type"] == "llama":
         assert llm["rope_scaling"]["rope_type"] == "llama3" and llm["tie_word_embeddings"]
+    else:  # Qwen2.5 as in Ovis2-4B's file; the releases store lm_head, tied or not
+        assert llm["sliding_window"] is None and not llm["use_sliding_window"]
+        assert cfg["multimodal_max_length"] == 32768
+        assert cfg["visual_tokenizer_config"]["backbone_config"]["model_type"] == "aimv2"
+        with safe_open(next(path.glob("*.safetensors")), "pt") as f:
+            assert "llm.lm_head.weight" in f.keys()
     assert member_of(cfg).name == MEMBER_PRESETS[preset]
     assert member_of(OvisConfig(**json.loads(text))).name == MEMBER_PRESETS[preset]
     tokenizer_files = {p.name for p in path.iterdir()}

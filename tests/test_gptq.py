@@ -1,6 +1,7 @@
-"""The GPTQ-Int4 releases (Ovis1.6-Gemma2-9B and -Llama3.2-3B) on vLLM's CPU backend.
+"""The GPTQ-Int4 releases (Ovis1.6-Gemma2-9B and -Llama3.2-3B; Ovis2-2B ... 34B) on vLLM's CPU
+backend.
 
-AutoGPTQ quantized the LLM's decoder layers only; the vision tower, the visual head and the VTE
+AutoGPTQ (Ovis1.6) and GPTQModel (Ovis2) quantized the LLM's decoder layers only; the vision tower, the visual head and the VTE
 stay floating point. Generated GPTQ-shaped checkpoints (AutoGPTQ's tensor layout, file name,
 quantize_config.json and config.json quantization_config) are served by our plugin in bf16 (the
 GPTQ kernels take bf16/fp16 activations only) and checked against the reference run in fp32 on
@@ -24,7 +25,8 @@ BF16_LOGPROB_ATOL = 0.1
 BF16_TIE_GAP = 0.2
 
 
-@pytest.fixture(scope="module", params=["ovis1.6-gemma2-9b-gptq-int4", "ovis1.6-llama3.2-3b-gptq-int4"])
+@pytest.fixture(scope="module", params=["ovis1.6-gemma2-9b-gptq-int4", "ovis1.6-llama3.2-3b-gptq-int4",
+                                        "ovis2-8b-gptq-int4"])
 def gptq(request, tmp_path_factory):
     from engine.checkpoint import write_checkpoint
 

@@ -24,7 +24,8 @@ from tests.helpers import (
 )
 from tests.ovis_reference import ReferenceOvis
 
-MEMBER_PRESETS = ["ovis1.6-gemma2-9b", "ovis1.6-gemma2-27b", "ovis1.6-llama3.2-3b", "ovis2-1b"]
+MEMBER_PRESETS = ["ovis1.6-gemma2-9b", "ovis1.6-gemma2-27b", "ovis1.6-llama3.2-3b", "ovis2-1b",
+                  "ovis2-8b"]
 
 
 @pytest.fixture(scope="module", params=MEMBER_PRESETS)
