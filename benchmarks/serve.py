@@ -296,8 +296,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--server", choices=["ours", "builtin", "both"], default="both")
     ap.add_argument("--url", help="benchmark this running server instead of starting one")
     ap.add_argument("--model", help="checkpoint path (started servers) or served name (--url)")
-    ap.add_argument("--preset", choices=["tiny", "wide"], default="wide",
-                    help="generate this checkpoint when --model is not given")
+    ap.add_argument("--preset", choices=["tiny", "wide", "ovis2-wide"], default="wide",
+                    help="generate this checkpoint when --model is not given (wide: Ovis1.6-Gemma2-9B's "
+                         "widths, ovis2-wide: Ovis2-8B's, one layer each)")
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="mixed")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--requests", type=int, default=16, help="requests per level (at least the concurrency)")

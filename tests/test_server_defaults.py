@@ -10,7 +10,12 @@ import httpx
 import openai
 import pytest
 
-from engine.chat_template import GEMMA_CHAT_TEMPLATE, GEMMA_SYSTEM_MERGE_CHAT_TEMPLATE, LLAMA3_CHAT_TEMPLATE
+from engine.chat_template import (
+    GEMMA_CHAT_TEMPLATE,
+    GEMMA_SYSTEM_MERGE_CHAT_TEMPLATE,
+    LLAMA3_CHAT_TEMPLATE,
+    QWEN_CHAT_TEMPLATE,
+)
 from server import build_argv
 from tests.conftest import SEED
 from tests.helpers import SIDE, png_bytes, rand_image, running_server
@@ -50,6 +55,15 @@ def test_llama_defaults(llama_checkpoint):
     assert _value(given, "--max-model-len") == "2048" and _value(given, "--chat-template") == "{{ 'x' }}"
     with pytest.raises(SystemExit, match="has one"):  # Llama 3 has a system role
         build_argv(["--model", str(llama_checkpoint), "--system-prompt", "merge"])
+
+
+def test_ovis2_defaults(tmp_path):
+    from engine.checkpoint import write_checkpoint
+
+    path = write_checkpoint(tmp_path / "ovis2", "ovis2-1b", seed=SEED)
+    argv = build_argv(["--model", str(path)])
+    assert _value(argv, "--chat-template") == QWEN_CHAT_TEMPLATE
+    assert "--max-model-len" not in argv  # Qwen2.5 allows 32768 = multimodal_max_length
 
 
 def test_explicit_longer_context_is_refused(llama_checkpoint):
