@@ -52,6 +52,31 @@ def test_unlisted_checkpoint_answers_image_prompts(unlisted):
     assert all(len(o.outputs[0].token_ids) == 4 for o in outs)
 
 
+def test_other_architectures_are_left_to_vllm(tiny_checkpoint, tmp_path):
+    """The plugin's renderer replaces vLLM's for every model; on a non-Ovis model (a plain Gemma2
+    made from the tiny checkpoint's LLM) it must do exactly what vLLM does: whole-text
+    tokenization, and `<image>` is ordinary text there."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from vllm import SamplingParams
+
+    config = json.loads((tiny_checkpoint / "config.json").read_text())["llm_config"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    weights = load_file(tiny_checkpoint / "model.safetensors")
+    save_file({k[len("llm."):]: v for k, v in weights.items() if k.startswith("llm.")},
+              tmp_path / "model.safetensors")
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(tiny_checkpoint / name, tmp_path / name)
+    engine = make_llm(tmp_path, limit_mm_per_prompt=None, max_num_seqs=2)
+    try:
+        prompt = "<bos>What does <image> mean?\nAnswer:"
+        [out] = engine.generate([prompt], SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)
+        assert out.prompt_token_ids == engine.get_tokenizer()(prompt, add_special_tokens=False).input_ids
+    finally:
+        shutdown(engine)
+
+
 def test_ovis15_is_not_taken_for_ovis16():
     """Ovis1.5 shares Ovis1.6's visual tokenizer type, without the hidden_stride merge and with
     a multi-scale booster: no member row (vLLM, which has no Ovis1.5 either, decides)."""
