@@ -41,6 +41,18 @@ def reference_token_ids(tokenizer, text: str, marker_id: int, pad_token: str) ->
     return ids
 
 
+def with_special_tokens(tokenizer, ids: list[int]) -> list[int]:
+    """`ids` wrapped in the special tokens the tokenizer adds around a text (e.g. a leading
+    <bos>), as found by encoding a probe with and without them."""
+    probe = "a"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    wrapped = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for start in range(len(wrapped) - len(plain) + 1):
+        if wrapped[start:start + len(plain)] == plain:
+            return wrapped[:start] + ids + wrapped[start + len(plain):]
+    raise ValueError("cannot tell which special tokens this tokenizer adds around a text")
+
+
 class OvisHfRenderer(HfRenderer):
     def __init__(self, config, tokenizer) -> None:
         super().__init__(config, tokenizer)
@@ -63,7 +75,6 @@ class OvisHfRenderer(HfRenderer):
         ids = reference_token_ids(self.tokenizer, text, self._ovis_pad_id,
                                   self._ovis_member.image_pad_token)
         if params.add_special_tokens:
-            # What the tokenizer would wrap a whole text in (e.g. a leading <bos>); chat prompts
-            # are tokenized without, as the reference's template writes <bos> itself.
-            ids = self.tokenizer.build_inputs_with_special_tokens(ids)
+            # Chat prompts are tokenized without: the reference's template writes <bos> itself.
+            ids = with_special_tokens(self.tokenizer, ids)
         return self._build_tokens_prompt(ids, prompt)

@@ -103,6 +103,27 @@ def test_pad_token_as_text_is_refused(member):
                         use_tqdm=False)
 
 
+def test_add_special_tokens_wraps_the_reference_ids(member):
+    """A prompt tokenized with add_special_tokens (as completions requests may be) gets the
+    reference's ids inside the tokenizer's own special-token wrapping."""
+    from vllm import SamplingParams
+
+    _, _, _, engine, reference = member
+    tokenizer = engine.get_tokenizer()
+    prompt = "Image 1:<image>Describe"
+    request = {"prompt": prompt, "multi_modal_data": {"image": rand_image(SIDE, SIDE, 3)}}
+    [out] = engine.generate([request], SamplingParams(max_tokens=1), use_tqdm=False,
+                            tokenization_kwargs={"add_special_tokens": True})
+    wrapped = tokenizer("a", add_special_tokens=True).input_ids
+    prefix = wrapped[:wrapped.index(tokenizer("a", add_special_tokens=False).input_ids[0])]
+    pieces = [tokenizer(p, add_special_tokens=False).input_ids for p in prompt.split("<image>")]
+    ids = out.prompt_token_ids
+    assert ids[:len(prefix)] == prefix
+    assert ids[len(prefix):len(prefix) + len(pieces[0])] == pieces[0]
+    assert ids[-len(pieces[1]):] == pieces[1]
+    assert ids.count(reference.image_pad_id) > 0
+
+
 def test_stops_at_the_members_turn_end(member):
     from vllm import SamplingParams
 

@@ -279,3 +279,13 @@ def test_save_and_reload(kind, tmp_path):
                                    build_qwen2_tokenizer])
 def test_deterministic(build):
     assert build().backend_tokenizer.to_str() == build().backend_tokenizer.to_str()
+
+
+def test_renderer_adds_the_special_tokens_the_tokenizer_would(kind):
+    """Prompts tokenized with add_special_tokens (e.g. completions) get the same wrapping as the
+    tokenizer gives a whole text (engine/renderer.py)."""
+    from engine.renderer import with_special_tokens
+
+    tok = kind.tok
+    for text in ROUND_TRIP_TEXTS[:2]:
+        assert with_special_tokens(tok, ids(tok, text)) == tok(text).input_ids
