@@ -10,7 +10,8 @@ connector it
 - applies a URL policy, OVIS_IMAGE_URLS: `public` (default) fetches http(s) URLs only when the
   host resolves to public addresses (no loopback, private, link-local or reserved targets:
   no server-side request forgery), `any` fetches everything, `off` refuses all URL fetching.
-  Data URLs always work; `file://` URLs only under --allowed-local-media-path (vLLM's check).
+  Data URLs always work; `file://` URLs only under --allowed-local-media-path (vLLM's check;
+  a refused or unreadable file is the client's error, HTTP 400, not vLLM's 500).
 """
 
 from __future__ import annotations
@@ -84,6 +85,18 @@ class ReferenceImageMediaIO(ImageMediaIO):
 class OvisMediaConnector(MediaConnector):
     def _image_io(self) -> ReferenceImageMediaIO:
         return ReferenceImageMediaIO(**{"image_mode": None} | self.media_io_kwargs.get("image", {}))
+
+    def _load_file_url(self, url_spec, media_io):
+        # vLLM raises RuntimeError here (HTTP 500, and the client's keep-alive connection is
+        # dropped); these are the client's errors, so ValueError (HTTP 400) naming the problem.
+        if self.allowed_local_media_path is None:
+            raise ValueError("this server does not load local files (file:// URLs); send the "
+                             "image as a data URL, or start the server with "
+                             "--allowed-local-media-path DIR")
+        try:
+            return super()._load_file_url(url_spec, media_io)
+        except OSError as exc:  # missing or unreadable file under the allowed directory
+            raise ValueError(f"cannot read the local image file: {exc.strerror or exc}") from exc
 
     def load_from_url(self, url, media_io, *, fetch_timeout=None):
         check_url_allowed(url)

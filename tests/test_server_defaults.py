@@ -106,3 +106,19 @@ def test_llama_server_serves_the_reference_format(llama_server, llama_checkpoint
     with pytest.raises(openai.BadRequestError, match="no image was given"):
         client.chat.completions.create(model="llama", max_tokens=4, messages=[
             {"role": "user", "content": "What does <image> mean?"}])
+
+
+def test_local_files_refused_with_a_4xx_and_the_connection_kept(llama_server):
+    """This server has no --allowed-local-media-path: a file:// image is the client's error (vLLM
+    alone answers 500 and drops the keep-alive connection); the next request on the same
+    connection is served."""
+    base, _ = llama_server
+    body = {"model": "llama", "max_tokens": 2, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}},
+        {"type": "text", "text": "Describe."}]}]}
+    with httpx.Client(base_url=base, timeout=120) as http:
+        refused = http.post("/v1/chat/completions", json=body)
+        assert refused.status_code == 400, refused.text
+        assert "--allowed-local-media-path" in refused.json()["error"]["message"]
+        text_only = dict(body, messages=[{"role": "user", "content": "Hello."}])
+        assert http.post("/v1/chat/completions", json=text_only).status_code == 200
