@@ -204,15 +204,15 @@ def preprocess_image(
         jobs.append((index, box, new_w, new_h))
 
     # np.zeros gets lazily zeroed pages from the OS, so the zeroing is not a serial memset ahead of
-    # the (possibly threaded) work; measured ~4 ms faster per 3x3 image than torch.zeros with 2
-    # threads. The tensor shares this memory.
+    # the (possibly threaded) work (faster than torch.zeros: benchmarks/RESULTS.md, "Design
+    # measurements"). The tensor shares this memory.
     out = np.zeros((len(jobs), 3, side, side), dtype=np.float32)
     pixel_values = torch.from_numpy(out)
 
     # Normalization is one vectorized table look-up per crop, done right after that crop's resize
     # while its pixels are in cache, straight into its padded slot (pads stay exactly 0.0). One
     # look-up over all crops at once needs a staging buffer, a layout copy and a pass to re-zero
-    # the pads: measured ~3.5 ms slower per 3x3 image, and it cannot run in the thread pool.
+    # the pads (slower: RESULTS.md, "Design measurements"), and it cannot run in the thread pool.
     def run(job):
         index, box, new_w, new_h = job
         crop = image if box is None else image.crop(box)
