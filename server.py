@@ -6,8 +6,8 @@ Every vLLM flag goes to vLLM unchanged; our defaults fill in only what was not g
 - no `--model`: the embedded default checkpoint (an Ovis1.6-Gemma2-shaped `tiny` model with
   random weights, generated on first use and cached under ~/.cache/ovis-vllm);
 - `--chat-template`: the reference's conversation format of the checkpoint's member
-  (engine/members.py): Gemma (no system role) or Llama 3 (the reference's default system prompt
-  when a request has none);
+  (engine/members.py): Gemma (no system role), Llama 3 or Qwen (the reference's default system
+  prompt when a request has none);
 - `--max-model-len`: the checkpoint's `multimodal_max_length` when the LLM allows more (the
   reference never sees longer sequences); logged;
 - `--limit-mm-per-prompt {"image": 8}`;
@@ -15,7 +15,8 @@ Every vLLM flag goes to vLLM unchanged; our defaults fill in only what was not g
 - images from `image_url` parts are decoded as the reference sees them (engine/media.py), and
   redirects are not followed when fetching image URLs.
 The stop tokens come from the checkpoint's generation_config.json (Gemma: `<eos>`,
-`<end_of_turn>`; Llama 3: `<|end_of_text|>`, `<|eom_id|>`, `<|eot_id|>`).
+`<end_of_turn>`; Llama 3: `<|end_of_text|>`, `<|eom_id|>`, `<|eot_id|>`; Qwen: `<|im_end|>`,
+`<|endoftext|>`).
 
 Our own flags (taken out before vLLM sees the rest):
   --image-urls {public,any,off}   which http(s) image URLs the server fetches (default public:
@@ -76,11 +77,12 @@ def load_checkpoint_config(argv: list[str]):
 
 def _checkpoint_defaults(argv: list[str], system_prompt: str) -> list[str]:
     """Chat template and max model length from the served checkpoint's member row."""
+    from engine import OVIS_ARCHITECTURE
     from engine.members import member_of
 
     config = load_checkpoint_config(argv)
     member = member_of(config) if config is not None and \
-        "Ovis" in (getattr(config, "architectures", None) or []) else None
+        OVIS_ARCHITECTURE in (getattr(config, "architectures", None) or []) else None
     if member is None:
         if system_prompt == "merge":
             raise SystemExit("--system-prompt merge applies to Ovis1.6-Gemma2 checkpoints only")

@@ -16,11 +16,14 @@ Presets (`--preset`):
   ovis1.6-llama3.2-3b           Llama 3.2 (llama3 RoPE scaling, tied embeddings), Llama 3 tokenizer
   ovis1.6-gemma2-9b-gptq-int4   the 9B with its LLM layers GPTQ-quantized (4 bit, group 128)
   ovis1.6-llama3.2-3b-gptq-int4 the 3B likewise
-  ovis2-1b                      Ovis2-1B-shaped: AIMv2 (AIDC-AI's module names) + Qwen2.5, Qwen2
-                                tokenizer, CLIP preprocessor config
+  ovis2-1b                      Ovis2-1B-shaped: AIMv2 (AIDC-AI's module names) + Qwen2.5 (tied,
+                                lm_head stored), Qwen2 tokenizer, CLIP preprocessor config
+  ovis2-8b                      Ovis2-8B-shaped: as 1B with an untied lm_head
+  ovis2-8b-gptq-int4            the 8B with its LLM layers GPTQ-quantized
   tiny                          the embedded default model: Gemma2-9B-shaped, and a byte-level BPE
                                 tokenizer with Gemma's special ids that knows `<image>`
   wide                          Ovis1.6-Gemma2-9B's real widths, one layer each, for benchmarks
+  ovis2-wide                    Ovis2-8B's real widths, one layer each, for benchmarks
 
     python -m engine.checkpoint OUT_DIR --preset ovis1.6-llama3.2-3b --seed 0
 """
@@ -41,9 +44,9 @@ from .chat_template import GEMMA_CHAT_TEMPLATE
 from .placeholders import NUM_INDICATORS
 
 # Gemma's and Llama 3's ids that the configs name.
-PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
-START_OF_TURN_ID, END_OF_TURN_ID = 106, 107
+PAD_ID, EOS_ID, BOS_ID, END_OF_TURN_ID = 0, 1, 2, 107
 LLAMA3_BOS_ID, LLAMA3_EOS_IDS = 128000, [128001, 128008, 128009]
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -86,10 +89,17 @@ _LLAMA32_3B = Preset(llm="llama", tokenizer="llama3", text_vocab=128256, hidden=
                      intermediate=256, layers=2, heads=2, kv_heads=1, head_dim=64, dtype="float32",
                      name_or_path="meta-llama/Llama-3.2-3B-Instruct", **_SMALL_VISION)
 
+# Ovis2-1B: AIMv2-large (448/14) + Qwen2.5-0.5B (tied embeddings, lm_head stored anyway, as in
+# the releases). Mirrored: side 56 / patch 14 (a 4x4 patch grid, divisible by hidden_stride 2 as
+# vLLM's built-in requires), vocabulary padded to 151936 like Qwen2.5's.
 _OVIS2_1B = replace(_GEMMA2_9B, llm="qwen2", tokenizer="qwen2", backbone="aimv2", text_vocab=151936,
                     image_size=56, multimodal_max_length=32768,
                     name_or_path="Qwen/Qwen2.5-0.5B-Instruct",
                     backbone_name_or_path="apple/aimv2-large-patch14-448")
+# Ovis2-8B: AIMv2-huge + Qwen2.5-7B, untied lm_head (vocabulary 152064), kv heads 4 of 28.
+_OVIS2_8B = replace(_OVIS2_1B, text_vocab=152064, tie_word_embeddings=False, heads=4, kv_heads=2,
+                    hidden=256, intermediate=512, name_or_path="Qwen/Qwen2.5-7B-Instruct",
+                    backbone_name_or_path="apple/aimv2-huge-patch14-448")
 
 PRESETS = {
     "ovis1.6-gemma2-9b": _GEMMA2_9B,
@@ -101,17 +111,16 @@ PRESETS = {
     # GPTQ releases: fp16 unquantized tensors and scales, as AutoGPTQ writes them.
     "ovis1.6-gemma2-9b-gptq-int4": replace(_GEMMA2_9B, gptq_group_size=128, dtype="float16"),
     "ovis1.6-llama3.2-3b-gptq-int4": replace(_LLAMA32_3B, gptq_group_size=128, dtype="float16"),
-    # Ovis2-1B: AIMv2-large (448/14) + Qwen2.5-0.5B (tied embeddings, lm_head stored anyway, as
-    # in the releases). Mirrored: side 56 / patch 14 (a 4x4 patch grid, divisible by
-    # hidden_stride 2 as vLLM's built-in requires), vocabulary padded to 151936 like Qwen2.5's.
     "ovis2-1b": _OVIS2_1B,
-    # Ovis2-8B: AIMv2-huge + Qwen2.5-7B, untied lm_head (vocabulary 152064), kv heads 4 of 28.
-    "ovis2-8b": replace(_OVIS2_1B, text_vocab=152064, tie_word_embeddings=False, heads=4,
-                        kv_heads=2, hidden=256, intermediate=512,
-                        name_or_path="Qwen/Qwen2.5-7B-Instruct",
-                        backbone_name_or_path="apple/aimv2-huge-patch14-448"),
+    "ovis2-8b": _OVIS2_8B,
+    "ovis2-8b-gptq-int4": replace(_OVIS2_8B, gptq_group_size=128, dtype="float16"),
+    # Ovis2-8B's real widths (AIMv2-huge 1536, Qwen2.5-7B 3584, side 448) with one layer each,
+    # for benchmarks; embeddings tied to keep the 151936-row vocabulary to one copy.
+    "ovis2-wide": replace(
+        _OVIS2_8B, text_vocab=151936, tie_word_embeddings=True, hidden=3584, intermediate=18944,
+        layers=1, heads=28, kv_heads=4, head_dim=128, vis_width=1536, vis_intermediate=4096,
+        vis_layers=1, vis_heads=12, image_size=448, visual_vocab=65536, dtype="bfloat16"),
     "tiny": replace(_GEMMA2_9B, tokenizer="bytelevel-image", text_vocab=512),
-    "ovis2-8b-gptq-int4": None,  # set below (needs the ovis2-8b entry)
     # Real widths (Ovis1.6-Gemma2-9B) with one layer each, for benchmarks.
     "wide": Preset(
         llm="gemma2", tokenizer="bytelevel-image", text_vocab=512, hidden=3584, intermediate=14336,
@@ -120,14 +129,6 @@ PRESETS = {
         visual_vocab=65536, dtype="bfloat16",
     ),
 }
-PRESETS["ovis2-8b-gptq-int4"] = replace(PRESETS["ovis2-8b"], gptq_group_size=128, dtype="float16")
-# Ovis2-8B's real widths (AIMv2-huge 1536, Qwen2.5-7B 3584, side 448) with one layer each, for
-# benchmarks; embeddings tied to keep the 151936-row vocabulary to one copy.
-PRESETS["ovis2-wide"] = replace(
-    PRESETS["ovis2-8b"], text_vocab=151936, tie_word_embeddings=True, hidden=3584,
-    intermediate=18944, layers=1, heads=28, kv_heads=4, head_dim=128, vis_width=1536,
-    vis_intermediate=4096, vis_layers=1, vis_heads=12, image_size=448, visual_vocab=65536,
-    dtype="bfloat16")
 
 
 def _tokenizer(p: Preset):

@@ -39,32 +39,35 @@ MEMBERS = (
 )
 
 
-def checkpoint_kind(config) -> tuple[str | None, str | None]:
-    """(visual tokenizer model_type, LLM model_type) of an Ovis config: vLLM's OvisConfig (which
-    keeps llm_config as its text config) or config.json as a dict."""
+def _field(config, key: str):
+    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+
+def _parts(config) -> tuple[object, object]:
+    """(visual tokenizer config, LLM config) of an Ovis config: vLLM's OvisConfig (which keeps
+    llm_config as its text config) or config.json as a dict."""
     if isinstance(config, dict):
-        visual, llm = config.get("visual_tokenizer_config") or {}, config.get("llm_config") or {}
-        return visual.get("model_type"), llm.get("model_type")
-    visual, llm = getattr(config, "visual_tokenizer_config", None), config.get_text_config()
-    return getattr(visual, "model_type", None), getattr(llm, "model_type", None)
+        return config.get("visual_tokenizer_config") or {}, config.get("llm_config") or {}
+    return getattr(config, "visual_tokenizer_config", None), config.get_text_config()
 
 
-def _visual_setting(config, key: str):
-    visual = config.get("visual_tokenizer_config") or {} if isinstance(config, dict) \
-        else getattr(config, "visual_tokenizer_config", None)
-    return visual.get(key) if isinstance(visual, dict) else getattr(visual, key, None)
+def checkpoint_kind(config) -> tuple[str | None, str | None]:
+    """(visual tokenizer model_type, LLM model_type) of an Ovis config."""
+    visual, llm = _parts(config)
+    return _field(visual, "model_type"), _field(llm, "model_type")
 
 
 def member_of(config) -> Member | None:
     """The member row of an Ovis checkpoint's config, or None when this plugin does not
     implement it (vLLM's built-in then serves it)."""
+    visual, _ = _parts(config)
     # Ovis1.5 shares Ovis1.6's visual tokenizer type but has no hidden_stride merge and may use a
     # multi-scale "hd_booster": a different model.
-    if (_visual_setting(config, "hidden_stride") or 1) < 2 or _visual_setting(config, "hd_booster"):
+    if (_field(visual, "hidden_stride") or 1) < 2 or _field(visual, "hd_booster"):
         return None
-    backbone, llm = checkpoint_kind(config)
+    backbone_type, llm_type = checkpoint_kind(config)
     for member in MEMBERS:
-        if member.backbone_type == backbone and member.llm_type == llm:
+        if member.backbone_type == backbone_type and member.llm_type == llm_type:
             return member
     return None
 

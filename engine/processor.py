@@ -71,7 +71,7 @@ class OvisDataParser(MultiModalDataParser):
 
 
 class OvisProcessingInfo(BaseProcessingInfo):
-    @property
+    @functools.cached_property
     def member(self) -> Member:
         member = member_of(self.get_hf_config())
         assert member is not None, "vLLM's built-in processes checkpoints without a member row"

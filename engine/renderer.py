@@ -19,10 +19,9 @@ from __future__ import annotations
 
 from vllm.renderers.hf import HfRenderer
 
+from . import OVIS_ARCHITECTURE
 from .members import image_pad_id, member_of
 from .placeholders import IMAGE_TOKEN
-
-from . import OVIS_ARCHITECTURE
 
 
 def reference_token_ids(tokenizer, text: str, marker_id: int, pad_token: str) -> list[int]:
@@ -41,15 +40,15 @@ def reference_token_ids(tokenizer, text: str, marker_id: int, pad_token: str) ->
     return ids
 
 
-def with_special_tokens(tokenizer, ids: list[int]) -> list[int]:
-    """`ids` wrapped in the special tokens the tokenizer adds around a text (e.g. a leading
-    <bos>), as found by encoding a probe with and without them."""
+def special_token_wrapping(tokenizer) -> tuple[list[int], list[int]]:
+    """(prefix, suffix): the special tokens the tokenizer adds around a text (e.g. a leading
+    <bos>), found by encoding a probe with and without them."""
     probe = "a"
     plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
     wrapped = tokenizer(probe, add_special_tokens=True)["input_ids"]
     for start in range(len(wrapped) - len(plain) + 1):
         if wrapped[start:start + len(plain)] == plain:
-            return wrapped[:start] + ids + wrapped[start + len(plain):]
+            return wrapped[:start], wrapped[start + len(plain):]
     raise ValueError("cannot tell which special tokens this tokenizer adds around a text")
 
 
@@ -62,6 +61,7 @@ class OvisHfRenderer(HfRenderer):
             member = member_of(model_config.hf_config)
         self._ovis_member = member
         self._ovis_pad_id = image_pad_id(self.tokenizer, member) if member else None
+        self._ovis_wrapping = special_token_wrapping(self.tokenizer) if member else None
 
     def _tokenize_prompt(self, prompt, params):
         text = prompt["prompt"]
@@ -76,5 +76,6 @@ class OvisHfRenderer(HfRenderer):
                                   self._ovis_member.image_pad_token)
         if params.add_special_tokens:
             # Chat prompts are tokenized without: the reference's template writes <bos> itself.
-            ids = with_special_tokens(self.tokenizer, ids)
+            prefix, suffix = self._ovis_wrapping
+            ids = prefix + ids + suffix
         return self._build_tokens_prompt(ids, prompt)

@@ -284,8 +284,9 @@ def test_deterministic(build):
 def test_renderer_adds_the_special_tokens_the_tokenizer_would(kind):
     """Prompts tokenized with add_special_tokens (e.g. completions) get the same wrapping as the
     tokenizer gives a whole text (engine/renderer.py)."""
-    from engine.renderer import with_special_tokens
+    from engine.renderer import special_token_wrapping
 
     tok = kind.tok
+    prefix, suffix = special_token_wrapping(tok)
     for text in ROUND_TRIP_TEXTS[:2]:
-        assert with_special_tokens(tok, ids(tok, text)) == tok(text).input_ids
+        assert prefix + ids(tok, text) + suffix == tok(text).input_ids
