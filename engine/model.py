@@ -42,12 +42,11 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
 from kernels import (
+    DEFAULT_CHUNK_MB,
     PackedMatrix,
-    combine_ln_stats,
-    ln_partial_stats,
-    partial_product,
-    softmax_partial_stats,
+    check_impl,
     visual_embedding,
+    vocab_parallel_visual_embedding,
 )
 
 from .members import builtin_fallback_message, member_of
@@ -55,6 +54,19 @@ from .placeholders import IMAGE_ATOM, IMAGE_TOKEN, NUM_INDICATORS, image_layout,
 from .processor import dummy_inputs_for, processing_info_for, processor_for
 
 logger = init_logger(__name__)
+
+
+def visual_embed_options(vllm_config: VllmConfig) -> tuple[str, float]:
+    """The visual-embedding path and the CPU path's chunk budget (MiB), from vLLM's
+    `--additional-config '{"ovis_visual_embed": "auto", "ovis_visual_embed_chunk_mb": 64}'`;
+    checked here, so a typo stops the server at start-up."""
+    extra = vllm_config.additional_config if isinstance(vllm_config.additional_config, dict) else {}
+    impl = extra.get("ovis_visual_embed", "auto")
+    check_impl(impl)
+    chunk_mb = extra.get("ovis_visual_embed_chunk_mb", DEFAULT_CHUNK_MB)
+    if not isinstance(chunk_mb, (int, float)) or isinstance(chunk_mb, bool) or chunk_mb <= 0:
+        raise ValueError(f"ovis_visual_embed_chunk_mb must be a positive number of MiB, not {chunk_mb!r}")
+    return impl, float(chunk_mb)
 
 
 @dataclass(frozen=True)
@@ -249,26 +261,20 @@ class Ovis(nn.Module, SupportsMultiModal, SupportsPP):
                 config.visual_tokenizer_config, shard, prefix=maybe_prefix(prefix, "visual_tokenizer"))
             self.vte = ShardedVTE(shard, vocab, config.hidden_size)
         self.make_empty_intermediate_tensors = self.llm.make_empty_intermediate_tensors
+        self.visual_embed_impl, self.visual_embed_chunk_mb = visual_embed_options(vllm_config)
 
     def _crop_embeddings(self, logits: torch.Tensor) -> torch.Tensor:
         """softmax(LayerNorm(logits)) @ VTE rows for this rank's logits [N, shard.size]."""
         ln, shard = self.visual_tokenizer.head[1], self.shards[self.tp_rank]
         x, w, b = logits[:, :shard.valid], ln.weight[:shard.valid], ln.bias[:shard.valid]
         if self.tp_size == 1:
-            return visual_embedding(x, w, b, self.vte.table, ln.eps)
-        rows = self.vte.rows[:shard.valid]
-        # Vocabulary-parallel: exact merges of the LayerNorm moments and the softmax statistics
-        # (two all-gathers of [N, 2] per rank), then one all-reduce of the rescaled [N, D] products.
-        ln_stats = tensor_model_parallel_all_gather(ln_partial_stats(x).contiguous(), dim=-1)
-        norm = combine_ln_stats([(s.valid, ln_stats[:, 2 * r:2 * r + 2])
-                                 for r, s in enumerate(self.shards)], ln.eps)
-        sm = softmax_partial_stats(x, w, b, norm)
-        sm_all = tensor_model_parallel_all_gather(sm.contiguous(), dim=-1)
-        maxes, sums = sm_all[:, 0::2], sm_all[:, 1::2]
-        scales = torch.exp(maxes - maxes.amax(dim=1, keepdim=True))
-        product = partial_product(x, w, b, rows, norm, sm) * scales[:, self.tp_rank:self.tp_rank + 1]
-        product = tensor_model_parallel_all_reduce(product)
-        return (product / (sums * scales).sum(dim=1, keepdim=True)).to(rows.dtype)
+            return visual_embedding(x, w, b, self.vte.table, ln.eps, impl=self.visual_embed_impl,
+                                    chunk_mb=self.visual_embed_chunk_mb)
+        return vocab_parallel_visual_embedding(
+            x, w, b, self.vte.rows[:shard.valid], ln.eps,
+            widths=[s.valid for s in self.shards], rank=self.tp_rank,
+            all_gather=lambda t: tensor_model_parallel_all_gather(t, dim=-1),
+            all_reduce=tensor_model_parallel_all_reduce, chunk_mb=self.visual_embed_chunk_mb)
 
     def _image_embeddings(self, logits: torch.Tensor, grids: list[tuple[int, int]]) -> list[torch.Tensor]:
         """Lay out indicators and crop embeddings per image, scaled like the LLM's text rows."""
@@ -318,6 +324,6 @@ class Ovis(nn.Module, SupportsMultiModal, SupportsPP):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loaded = AutoWeightsLoader(self).load_weights(weights)
         self.visual_tokenizer.head[0].pack_for_cpu()
-        if self.tp_size == 1:
+        if self.tp_size == 1 and self.visual_embed_impl in ("auto", "chunked"):
             self.vte.pack_for_cpu()
         return loaded

@@ -50,14 +50,20 @@ def test_batched_equals_one_at_a_time(llm):
 @pytest.fixture(scope="module")
 def chunked_llm(tiny_checkpoint):
     # A 3x3 image takes 101 placeholder positions in the tiny preset: a 32-token budget splits
-    # every image's span over several prefill steps.
+    # every image's span over several prefill steps. The visual embedding, too, runs in chunks
+    # of a few rows (a budget set through --additional-config).
     engine = make_llm(tiny_checkpoint, enable_chunked_prefill=True, max_num_batched_tokens=32,
-                      max_num_seqs=4)
+                      max_num_seqs=4, additional_config={"ovis_visual_embed_chunk_mb": 0.01})
     yield engine
     shutdown(engine)
 
 
+def visual_embed_settings(model):  # module level: it is pickled to the worker
+    return model.visual_embed_impl, model.visual_embed_chunk_mb
+
+
 def test_chunked_prefill_smaller_than_an_image(llm, chunked_llm, reference):
+    assert chunked_llm.apply_model(visual_embed_settings) == [("auto", 0.01)]
     cases = mixed_cases(6)
     assert any(o.prompt_token_ids.count(7) > 32 for o in run_engine(llm, cases[:4], max_new_tokens=1))
     want = run_engine(llm, cases)
@@ -144,3 +150,20 @@ def test_cpu_engine_packs_head_and_vte_for_onednn(llm):
     if torch.cuda.is_available() or not PackedMatrix.supported(torch.zeros(1, 1)):
         pytest.skip("packing is the CPU path with vLLM's oneDNN ops")
     assert llm.apply_model(packing_state) == [(True, 0, True, 0)]
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"ovis_visual_embed": "fused"}, "implementation 'fused'"),
+    ({"ovis_visual_embed_chunk_mb": 0}, "positive number of MiB"),
+    ({"ovis_visual_embed_chunk_mb": "64"}, "positive number of MiB"),
+])
+def test_visual_embed_options_are_checked_at_start_up(extra, message):
+    from types import SimpleNamespace
+
+    from engine.model import visual_embed_options
+
+    assert visual_embed_options(SimpleNamespace(additional_config={})) == ("auto", 64.0)
+    assert visual_embed_options(SimpleNamespace(additional_config={
+        "ovis_visual_embed": "unfused", "ovis_visual_embed_chunk_mb": 8})) == ("unfused", 8.0)
+    with pytest.raises(ValueError, match=message):
+        visual_embed_options(SimpleNamespace(additional_config=extra))

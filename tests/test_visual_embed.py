@@ -1,4 +1,4 @@
-"""Tests of the fused probabilistic visual embedding (kernels/visual_embed.py).
+"""Tests of the fused probabilistic visual embedding (kernels/).
 
 Accuracy is checked against the float64 reference (kernels/reference.py) as a norm-wise
 relative error  ||out - ref|| / ||ref||  over the whole [N, D] output:
@@ -25,19 +25,17 @@ tests run in a child pytest process started with TRITON_INTERPRET=1
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
 
-from kernels import visual_embed as ve
+import kernels
+from kernels import triton_kernels, vocab_parallel
 from kernels.reference import row_stats_reference, visual_embedding_reference
 
-if ve.HAS_TRITON:
-    import triton
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-INTERPRETED = (ve.HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
-               and type(ve._product_kernel).__name__ == "InterpretedFunction")
+INTERPRETED = triton_kernels.INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1"
 interp = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child process"
                             " of test_triton_kernels_under_interpreter")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -83,21 +81,61 @@ def check_accuracy(out, args, seed, eps=EPS):
         # dtype before the product, so their errors are the same size but independent draws:
         # on small outputs (N=1, D=16) the kernel's can exceed torch's by chance (seen: 1.6x).
         # Bound: twice torch's error, floored at one unit roundoff. Real bugs are O(1) errors.
-        torch_err = rel_err(ve.visual_embedding_unfused(*args, eps), ref)
+        torch_err = rel_err(kernels.visual_embedding_unfused(*args, eps), ref)
         bound = max(2 * torch_err, UNIT_ROUNDOFF[args[3].dtype])
         assert err <= bound, f"rel err {err:.3g} > {bound:.3g} (torch {torch_err:.3g}, seed {seed})"
 
 
-def combine_vocabulary_slices(x, w, b, vte, slices):
-    """What tensor-parallel ranks holding these vocabulary slices would compute and combine:
-    returns (the combined [N, D] fp32 embedding, the combined LayerNorm statistics)."""
-    norm = ve.combine_ln_stats([(s.stop - s.start, ve.ln_partial_stats(x[:, s])) for s in slices],
-                               EPS)
-    parts = []
-    for s in slices:
-        sm = ve.softmax_partial_stats(x[:, s], w[s], b[s], norm)
-        parts.append((sm, ve.partial_product(x[:, s], w[s], b[s], vte[s], norm, sm)))
-    return ve.combine_partials(parts, torch.float32), norm
+def run_ranks(fn, ranks):
+    """fn(rank, all_gather, all_reduce) on `ranks` threads joined by in-process collectives,
+    as tensor-parallel ranks run it; returns the ranks' results. One rank computes at a time
+    (the lock is let go only inside a collective): the Triton interpreter is not thread-safe."""
+    barrier, lock = threading.Barrier(ranks), threading.Lock()
+    slots, results, errors = [None] * ranks, [None] * ranks, []
+
+    def collective(rank, tensor, merge):
+        slots[rank] = tensor
+        lock.release()
+        try:
+            barrier.wait()
+            merged = merge(list(slots))
+            barrier.wait()  # all have read before any slot is reused
+        finally:
+            lock.acquire()
+        return merged
+
+    def run(rank):
+        with lock:
+            try:
+                results[rank] = fn(rank, lambda t: collective(rank, t, lambda ts: torch.cat(ts, -1)),
+                                   lambda t: collective(rank, t, lambda ts: sum(ts)))
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+                errors.append(exc)
+                barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def combine_vocabulary_slices(x, w, b, vte, slices, chunk_mb=kernels.DEFAULT_CHUNK_MB):
+    """What tensor-parallel ranks holding these vocabulary slices compute, through the very
+    function serving calls: (the [N, D] fp32 embedding, checked equal on every rank; the
+    merged LayerNorm statistics of the row)."""
+    widths = [s.stop - s.start for s in slices]
+    outs = run_ranks(lambda rank, all_gather, all_reduce: kernels.vocab_parallel_visual_embedding(
+        x[:, slices[rank]], w[slices[rank]], b[slices[rank]], vte[slices[rank]], EPS,
+        widths=widths, rank=rank, all_gather=all_gather, all_reduce=all_reduce,
+        dtype=torch.float32, chunk_mb=chunk_mb), len(slices))
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    norm = vocab_parallel.combine_ln_stats(
+        [(width, vocab_parallel.ln_partial_stats(x[:, s])) for width, s in zip(widths, slices)], EPS)
+    return outs[0], norm
 
 
 def run_kernel(args, seed, **kwargs):
@@ -106,11 +144,11 @@ def run_kernel(args, seed, **kwargs):
     norm-wise) and the fp32 one against the reference; returns the first."""
     n, d, dtype = args[0].shape[0], args[3].shape[1], args[3].dtype
     out = torch.full((n, d), float("nan"), dtype=dtype, device=args[0].device)
-    assert ve.visual_embedding_triton(*args, EPS, out=out, **kwargs) is out
+    assert kernels.visual_embedding_triton(*args, EPS, out=out, **kwargs) is out
     out32 = out
     if dtype != torch.float32:
         out32 = torch.full((n, d), float("nan"), device=args[0].device)
-        ve.visual_embedding_triton(*args, EPS, out=out32, **kwargs)
+        kernels.visual_embedding_triton(*args, EPS, out=out32, **kwargs)
     assert torch.isfinite(out).all(), f"non-finite output (seed {seed})"
     # The interpreter converts fp32 -> bf16 by truncation (cast_impl in triton/runtime/
     # interpreter.py), up to one ulp = 2 unit roundoffs; compiled Triton rounds to nearest.
@@ -128,7 +166,7 @@ def run_kernel(args, seed, **kwargs):
 @pytest.mark.parametrize("rows", [1, 7, None])
 def test_chunked_matches_reference(shape, dtype, rows):
     args, seed = make_inputs(*shape, dtype)
-    out = ve.visual_embedding_chunked(*args, EPS, rows=rows)
+    out = kernels.visual_embedding_chunked(*args, EPS, rows=rows)
     assert out.shape == (shape[0], shape[2]) and out.dtype == dtype
     if dtype == torch.float32:
         check_accuracy(out, args, seed)
@@ -136,12 +174,12 @@ def test_chunked_matches_reference(shape, dtype, rows):
     # to matmul rounding. Low precision: the GEMMs accumulate in fp32, so at most an output
     # rounding flip here and there (<= unit roundoff norm-wise; measured: bit-identical).
     # fp32: another summation order over <= 1000 terms, ~sqrt(K) * 6e-8 = 2e-6 (measured 5e-7).
-    unfused = ve.visual_embedding_unfused(*args, EPS)
+    unfused = kernels.visual_embedding_unfused(*args, EPS)
     tol = 2e-6 if dtype == torch.float32 else UNIT_ROUNDOFF[dtype]
     assert rel_err(out, unfused.double()) <= tol, f"seed {seed}"
 
 
-packed = pytest.mark.skipif(not ve.PackedMatrix.supported(torch.zeros(1, 1)),
+packed = pytest.mark.skipif(not kernels.PackedMatrix.supported(torch.zeros(1, 1)),
                             reason="vLLM's oneDNN CPU ops are not available")
 
 
@@ -153,16 +191,16 @@ def test_chunked_with_packed_vte(shape, dtype, rows):
     """The serving path on CPU: VTE softmax rows packed for oneDNN once (PackedMatrix)."""
     args, seed = make_inputs(*shape, dtype)
     x, w, b, vte = args
-    table = ve.PackedMatrix(vte[: shape[1]])
-    out = ve.visual_embedding_chunked(x, w, b, table, EPS, rows=rows)
+    table = kernels.PackedMatrix(vte[: shape[1]])
+    out = kernels.visual_embedding_chunked(x, w, b, table, EPS, rows=rows)
     assert out.shape == (shape[0], shape[2]) and out.dtype == dtype
-    assert torch.equal(ve.visual_embedding(x, w, b, table, EPS),
-                       ve.visual_embedding_chunked(x, w, b, table, EPS))
+    assert torch.equal(kernels.visual_embedding(x, w, b, table, EPS),
+                       kernels.visual_embedding_chunked(x, w, b, table, EPS))
     if dtype == torch.float32:
         check_accuracy(out, args, seed)
     # The same products as torch.matmul up to summation order (bf16: fp32 accumulation, then
     # one rounding; measured bit-identical), so the same bounds as the unpacked chunked path.
-    unpacked = ve.visual_embedding_chunked(*args, EPS, rows=rows)
+    unpacked = kernels.visual_embedding_chunked(*args, EPS, rows=rows)
     tol = 2e-6 if dtype == torch.float32 else UNIT_ROUNDOFF[dtype]
     assert rel_err(out, unpacked.double()) <= tol, f"seed {seed}"
 
@@ -174,7 +212,7 @@ def test_packed_matrix_matmul(dtype):
     against fp64."""
     g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     b = torch.randn(301, 45, generator=g).to(dtype)
-    packed_b = ve.PackedMatrix(b)
+    packed_b = kernels.PackedMatrix(b)
     assert packed_b.shape == (301, 45) and packed_b.dtype == dtype
     a = torch.randn(2, 301, 37, generator=g).to(dtype).transpose(1, 2)  # [2, 37, 301], strided
     ref = a.double() @ b.double()
@@ -187,31 +225,28 @@ def test_packed_matrix_matmul(dtype):
     assert torch.equal(big[5:42], out[0])
     assert big[:5].isnan().all() and big[42:].isnan().all()
     with pytest.raises(ValueError, match="packed VTE has 301 rows"):
-        ve.visual_embedding_chunked(torch.randn(3, 300).to(dtype), torch.ones(300).to(dtype),
+        kernels.visual_embedding_chunked(torch.randn(3, 300).to(dtype), torch.ones(300).to(dtype),
                                     torch.zeros(300).to(dtype), packed_b, EPS)
-    assert not ve.PackedMatrix.supported(b.half())
+    assert not kernels.PackedMatrix.supported(b.half())
 
 
-def test_chunk_rows_budget(monkeypatch):
-    assert ve.chunk_rows(65531, torch.bfloat16) == 512  # 64 MiB / (65531 * 2 bytes)
-    assert ve.chunk_rows(65531, torch.float32) == 256
-    monkeypatch.setenv("OVIS_VISUAL_EMBED_CHUNK_MB", "0.01")  # read at call time
-    assert ve.chunk_rows(301, torch.float32) == 8
-    monkeypatch.setenv("OVIS_VISUAL_EMBED_CHUNK_MB", "0")
-    assert ve.chunk_rows(301, torch.float32) == 1
+def test_chunk_rows_budget():
+    assert kernels.chunk_rows(65531, torch.bfloat16) == 512  # 64 MiB / (65531 * 2 bytes)
+    assert kernels.chunk_rows(65531, torch.float32) == 256
+    assert kernels.chunk_rows(301, torch.float32, chunk_mb=0.01) == 8
+    assert kernels.chunk_rows(301, torch.float32, chunk_mb=0) == 1
     args, seed = make_inputs(37, 301, 45, torch.float32)
-    check_accuracy(ve.visual_embedding(*args, EPS), args, seed)
+    check_accuracy(kernels.visual_embedding(*args, EPS, chunk_mb=0.01), args, seed)
 
 
-def test_public_api_cpu_dispatch(monkeypatch):
+def test_public_api_cpu_dispatch():
     args, seed = make_inputs(37, 301, 45, torch.float32)
-    out = ve.visual_embedding(*args, EPS)
-    assert torch.equal(out, ve.visual_embedding_chunked(*args, EPS))
-    monkeypatch.setenv("OVIS_VISUAL_EMBED", "unfused")
-    assert torch.equal(ve.visual_embedding(*args, EPS), ve.visual_embedding_unfused(*args, EPS))
-    monkeypatch.setenv("OVIS_VISUAL_EMBED", "bogus")
-    with pytest.raises(ValueError, match="OVIS_VISUAL_EMBED"):
-        ve.visual_embedding(*args, EPS)
+    out = kernels.visual_embedding(*args, EPS)
+    assert torch.equal(out, kernels.visual_embedding_chunked(*args, EPS))
+    assert torch.equal(kernels.visual_embedding(*args, EPS, impl="unfused"),
+                       kernels.visual_embedding_unfused(*args, EPS))
+    with pytest.raises(ValueError, match="implementation 'bogus'"):
+        kernels.visual_embedding(*args, EPS, impl="bogus")
 
 
 def test_strided_inputs_cpu():
@@ -219,13 +254,13 @@ def test_strided_inputs_cpu():
     xt = x.t().contiguous().t()  # column-major logits
     vt = vte.t().contiguous().t()
     w2 = torch.stack([w, w], 1)[:, 0]  # stride 2
-    out = ve.visual_embedding(xt, w2, b, vt, EPS)
+    out = kernels.visual_embedding(xt, w2, b, vt, EPS)
     check_accuracy(out, (xt, w2, b, vt), seed)
 
 
 def test_empty_rows():
     (x, w, b, vte), _ = make_inputs(3, 50, 16, torch.float32)
-    assert ve.visual_embedding(x[:0], w, b, vte, EPS).shape == (0, 16)
+    assert kernels.visual_embedding(x[:0], w, b, vte, EPS).shape == (0, 16)
 
 
 def test_validation_errors():
@@ -242,32 +277,36 @@ def test_validation_errors():
     ]
     for args, msg in cases:
         with pytest.raises(ValueError, match=msg):
-            ve.visual_embedding(*args, EPS)
-    if not ve.HAS_TRITON or INTERPRETED:
+            kernels.visual_embedding(*args, EPS)
+    if not triton_kernels.HAS_TRITON or INTERPRETED:
         return
     with pytest.raises(ValueError, match="CUDA"):  # no silent interpreter fallback on CPU
-        ve.visual_embedding_triton(x, w, b, vte, EPS)
+        kernels.visual_embedding_triton(x, w, b, vte, EPS)
 
 
 def test_custom_op_opcheck():
     args, _ = make_inputs(5, 40, 16, torch.float32)
-    torch.library.opcheck(torch.ops.ovis.visual_embedding.default, (*args, EPS))
+    for impl in ("auto", "unfused"):
+        torch.library.opcheck(torch.ops.ovis.visual_embedding.default, (*args, EPS, impl, 64.0))
 
 
 def test_custom_op_torch_compile_fullgraph():
     args, seed = make_inputs(9, 130, 24, torch.float32)
     torch._dynamo.reset()
-    compiled = torch.compile(ve.visual_embedding, fullgraph=True, dynamic=False)
+    compiled = torch.compile(kernels.visual_embedding, fullgraph=True, dynamic=False)
     out = compiled(*args, EPS)
-    assert torch.equal(out, ve.visual_embedding(*args, EPS)), f"seed {seed}"
+    assert torch.equal(out, kernels.visual_embedding(*args, EPS)), f"seed {seed}"
 
 
 def _compile_for_sm90(kernel, ptr_types, constexprs, num_warps, num_stages=3):
     """Ahead-of-time compile through PTX and ptxas (shipped with triton) for an H100: no GPU
     needed. Ints equal to 1 and 16-divisible ones are specialized as a JIT launch would."""
+    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    if isinstance(kernel, triton.runtime.Heuristics):
+        kernel = kernel.fn  # the JITFunction under triton.heuristics
     names = kernel.arg_names
     constexprs = dict(constexprs, **{n: 1 for n in ("stride_xv", "stride_w", "stride_b",
                                                    "stride_ed", "stride_od") if n in names})
@@ -281,31 +320,36 @@ def _compile_for_sm90(kernel, ptr_types, constexprs, num_warps, num_stages=3):
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
-@pytest.mark.skipif(INTERPRETED or not ve.HAS_TRITON, reason="needs the compiler, not the"
+@pytest.mark.skipif(INTERPRETED or not triton_kernels.HAS_TRITON, reason="needs the compiler, not the"
                     " interpreter")
 def test_kernels_compile_for_sm90():
     """Catches what the interpreter does not check (constexpr-only globals, types, shared
     memory over the 227 KiB an H100 block may use) on machines without a GPU."""
     h100_smem = 227 * 1024
-    base = {"norm_ptr": "*fp32", "sm_ptr": "*fp32", "ln_ptr": "*fp32"}
+    base = {"norm_ptr": "*fp32", "sm_ptr": "*fp32"}
     for dtype, normalize in ((torch.bfloat16, True), (torch.float16, False), (torch.float32, True)):
         dt = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
-        cfg = ve._product_blocks(dtype)
+        cfg = triton_kernels.product_blocks(dtype)
         ptrs = dict(base, **{n: f"*{dt}" for n in ("x_ptr", "w_ptr", "b_ptr", "vte_ptr")},
                     out_ptr=f"*{dt}" if normalize else "*fp32")
-        k = _compile_for_sm90(ve._product_kernel, ptrs,
+        k = _compile_for_sm90(triton_kernels._product_kernel, ptrs,
                               dict(NORMALIZE=normalize, DOT_FP32=dtype == torch.float32,
                                    **{n: cfg.pop(n) for n in ("BLOCK_M", "BLOCK_V", "BLOCK_D")}),
                               **cfg)
         assert k.metadata.shared <= h100_smem, (dt, k.metadata.shared)
-    stats = ve._stats_config()
+    stats = triton_kernels.stats_config()
+    blocks = dict(BLOCK_M=stats["BLOCK_M"], BLOCK_V=stats["BLOCK_V"])
+    _compile_for_sm90(triton_kernels._ln_moments_kernel, {"x_ptr": "*bf16", "moments_ptr": "*fp32"},
+                      blocks, stats["num_warps"])
     ptrs = dict(base, **{n: "*bf16" for n in ("x_ptr", "w_ptr", "b_ptr")})
-    for ln, softmax in ((True, True), (True, False), (False, True)):
-        _compile_for_sm90(ve._row_stats_kernel, ptrs, dict(LN=ln, SOFTMAX=softmax,
-                          BLOCK_M=stats["BLOCK_M"], BLOCK_V=stats["BLOCK_V"]), stats["num_warps"])
+    for given in (True, False):  # the whole row, a vocabulary slice given the row's (mean, rstd)
+        absent = "norm_out_ptr" if given else "norm_in_ptr"  # None: a compile-time constant
+        _compile_for_sm90(triton_kernels._row_stats_kernel,
+                          dict(ptrs, norm_in_ptr="*fp32", norm_out_ptr="*fp32"),
+                          dict(blocks, NORM_GIVEN=given, **{absent: None}), stats["num_warps"])
 
 
-@pytest.mark.skipif(INTERPRETED or not ve.HAS_TRITON, reason="the child itself / no triton")
+@pytest.mark.skipif(INTERPRETED or not triton_kernels.HAS_TRITON, reason="the child itself / no triton")
 def test_triton_kernels_under_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1",
                PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
@@ -343,7 +387,7 @@ def test_interp_strided_inputs_and_output():
     w2 = torch.stack([w, w], 1)[:, 0]
     big = torch.full((45, 80), float("nan"))
     out = big[:, 3:40].t()  # [37, 45] view with strides (1, 80)
-    ve.visual_embedding_triton(xt, w2, b, vt, EPS, out=out)
+    kernels.visual_embedding_triton(xt, w2, b, vt, EPS, out=out)
     check_accuracy(out, (xt, w2, b, vt), seed)
     assert big[:, :3].isnan().all() and big[:, 40:].isnan().all()  # nothing written outside
 
@@ -354,8 +398,7 @@ def test_interp_row_stats(offset):
     """Row statistics vs fp64; offset 1000 (|mean| >> std) is where a raw sum of squares in fp32
     loses the variance entirely (~30% error); the centred merge keeps it to ~1e-5."""
     (x, w, b, _), seed = make_inputs(37, 301, 16, torch.float32, offset=offset)
-    norm, sm = torch.empty(37, 2), torch.empty(37, 2)
-    ve._launch_row_stats(x, w, b, EPS, None, norm, sm, LN=True, SOFTMAX=True)
+    norm, sm = triton_kernels.row_stats(x, w, b, EPS)
     ref = row_stats_reference(x, w, b, EPS)
     tol = 1e-5 if offset == 0 else 1e-3  # fp32 inputs near 1000 carry 6e-5 absolute error
     close = lambda a, r: ((a.double() - r).abs() / r.abs().clamp_min(1)).max().item() <= tol
@@ -371,7 +414,7 @@ def test_interp_tensor_parallel_pieces(cuts, dtype):
     (x, w, b, vte), seed = make_inputs(37, 301, 45, dtype)
     slices = [slice(lo, hi) for lo, hi in zip(cuts, cuts[1:])]
     combined, norm = combine_vocabulary_slices(x, w, b, vte, slices)
-    whole = ve.visual_embedding_triton(x, w, b, vte, EPS, out=torch.empty(37, 45))
+    whole = kernels.visual_embedding_triton(x, w, b, vte, EPS, out=torch.empty(37, 45))
     # fp32: equal to rounding (1e-6). fp16: each slice rounds its unnormalized probabilities
     # relative to its own max, the whole run relative to the global one: equal up to fp16 unit
     # roundoff (2^-11, measured ~5e-6 norm-wise).
@@ -384,13 +427,13 @@ def test_interp_tensor_parallel_pieces(cuts, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cuts", [[0, 150, 301], [0, 1, 300, 301]])
-def test_cpu_tensor_parallel_pieces(cuts, dtype, monkeypatch):
+def test_cpu_tensor_parallel_pieces(cuts, dtype):
     """The torch versions of the slice pieces (vLLM's CPU backend under tensor parallel), with
     chunks of a few rows, combined equal the fp64 reference."""
-    monkeypatch.setenv("OVIS_VISUAL_EMBED_CHUNK_MB", str(8 * 301 * 4 / 2**20))  # 8-row chunks
     (x, w, b, vte), seed = make_inputs(37, 301, 45, dtype)
     slices = [slice(lo, hi) for lo, hi in zip(cuts, cuts[1:])]
-    combined, norm = combine_vocabulary_slices(x, w, b, vte, slices)
+    combined, norm = combine_vocabulary_slices(x, w, b, vte, slices,
+                                               chunk_mb=8 * 301 * 4 / 2**20)  # 8-row chunks
     assert torch.isfinite(combined).all()
     check_accuracy(combined, (x, w, b, vte), seed)
     ref = row_stats_reference(x, w, b, EPS)
@@ -398,13 +441,11 @@ def test_cpu_tensor_parallel_pieces(cuts, dtype, monkeypatch):
 
 
 @interp
-def test_interp_public_api_forced_triton(monkeypatch):
-    monkeypatch.setenv("OVIS_VISUAL_EMBED", "triton")
+def test_interp_public_api_forced_triton():
     args, seed = make_inputs(37, 301, 45, torch.float32)
-    out = ve.visual_embedding(*args, EPS)
+    out = kernels.visual_embedding(*args, EPS, impl="triton")
     check_accuracy(out, args, seed)
-    monkeypatch.setenv("OVIS_VISUAL_EMBED", "chunked")
-    check_accuracy(ve.visual_embedding(*args, EPS), args, seed)
+    check_accuracy(kernels.visual_embedding(*args, EPS, impl="chunked"), args, seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,7 +457,7 @@ def test_cuda_real_sizes_bf16(n):
     """Ovis1.6 sizes: Vh=65531, V=65536, D=3584, bf16; error bounded by torch bf16's."""
     args, seed = make_inputs(n, 65531, 3584, torch.bfloat16, device="cuda")
     out = run_kernel(args, seed)
-    assert torch.equal(ve.visual_embedding(*args, EPS), out)  # public API dispatches here
+    assert torch.equal(kernels.visual_embedding(*args, EPS), out)  # public API dispatches here
 
 
 @cuda
@@ -437,10 +478,10 @@ def test_cuda_tensor_parallel_pieces():
 @cuda
 def test_cuda_graph_capture():
     args, seed = make_inputs(196, 4099, 200, torch.bfloat16, device="cuda")
-    ve.visual_embedding(*args, EPS)  # compile kernels outside the capture
+    kernels.visual_embedding(*args, EPS)  # compile kernels outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = ve.visual_embedding(*args, EPS)
+        out = kernels.visual_embedding(*args, EPS)
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(out, ve.visual_embedding(*args, EPS)), f"seed {seed}"
+    assert torch.equal(out, kernels.visual_embedding(*args, EPS)), f"seed {seed}"

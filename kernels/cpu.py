@@ -1,0 +1,104 @@
+"""The exact CPU path of softmax(LayerNorm(logits)) @ VTE, with the VTE packed once for oneDNN,
+and vLLM's built-in (unfused) way it is compared with.
+
+`visual_embedding_chunked` runs the very torch ops of the unfused path, in the input dtype, on
+row chunks sized from a memory budget (one [rows, Vh] tensor at a time), multiplying by VTE[:Vh]
+so the zero padding is never built; results match the unfused path up to matmul rounding.
+Serving packs the VTE rows once (`PackedMatrix`, oneDNN) and each chunk's product runs on the
+pre-laid-out table (faster than torch.matmul: benchmarks/RESULTS.md).
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DEFAULT_CHUNK_MB = 64.0
+
+
+def visual_embedding_unfused(logits: Tensor, ln_weight: Tensor, ln_bias: Tensor, vte: Tensor,
+                             eps: float) -> Tensor:
+    """vLLM 0.32's built-in way, kept for comparison: full LN output, softmax output and padded
+    copy all alive at once (as in its VisualTokenizer.forward), then one dense matmul."""
+    vh = logits.shape[1]
+    y = F.layer_norm(logits, (vh,), ln_weight.to(logits.dtype), ln_bias.to(logits.dtype), eps)
+    p = torch.softmax(y, dim=-1)
+    p = F.pad(p, (0, vte.shape[0] - vh), mode="constant", value=0)
+    return torch.matmul(p.to(vte.dtype), vte)
+
+
+def chunk_rows(vh: int, dtype: torch.dtype, chunk_mb: float = DEFAULT_CHUNK_MB) -> int:
+    """Rows per chunk: one [rows, Vh] intermediate (LN output, overwritten by the softmax)
+    within `chunk_mb` MiB."""
+    per_row = vh * torch.empty((), dtype=dtype).element_size()
+    return max(1, int(chunk_mb * 2**20) // per_row)
+
+
+def visual_embedding_chunked(logits: Tensor, ln_weight: Tensor, ln_bias: Tensor,
+                             vte: "Tensor | PackedMatrix", eps: float,
+                             rows: Optional[int] = None,
+                             chunk_mb: float = DEFAULT_CHUNK_MB) -> Tensor:
+    """Exact CPU path: the unfused ops, per chunk of `rows` rows (default: as many as fit in
+    `chunk_mb`, see `chunk_rows`). `vte` may be a PackedMatrix of exactly the Vh softmax rows
+    (the serving path on CPU)."""
+    n, vh = logits.shape
+    if isinstance(vte, PackedMatrix):
+        if vte.shape[0] != vh:
+            raise ValueError(f"packed VTE has {vte.shape[0]} rows, logits have {vh} columns")
+        product = vte.matmul
+    else:
+        table = vte[:vh]
+        product = lambda p, out: torch.matmul(p.to(table.dtype), table, out=out)  # noqa: E731
+    w, b = ln_weight.to(logits.dtype), ln_bias.to(logits.dtype)
+    rows = rows or chunk_rows(vh, logits.dtype, chunk_mb)
+    out = torch.empty((n, vte.shape[1]), dtype=vte.dtype, device=vte.device)
+    for start in range(0, n, rows):
+        p = F.layer_norm(logits[start:start + rows], (vh,), w, b, eps)
+        # Softmax written over the LN output: the same kernel as torch.softmax(y) (bit-identical;
+        # softmax allows full overlap of input and output), so one [rows, Vh] tensor at a time.
+        torch.softmax(p, dim=-1, out=p)
+        product(p, out=out[start:start + rows])
+        del p  # before the next chunk's LayerNorm, else two chunks would be alive
+    return out
+
+
+class PackedMatrix:
+    """A constant matrix B [K, N], laid out once for oneDNN's CPU matmul: `a @ B` without
+    re-packing B on every call.
+
+    This is the GEMM vLLM's own Linear layers use on CPU (vllm._custom_ops.onednn_mm, see its
+    dispatch_cpu_unquantized_gemm); vLLM's built-in Ovis gets it for its head Linear but not for
+    its VTE product. bf16 results are bit-identical to torch's (fp32 ones differ in summation
+    order only); timings are in benchmarks/RESULTS.md. The packed copy is separate from B: drop
+    B after.
+    """
+
+    def __init__(self, b: Tensor):
+        if not PackedMatrix.supported(b):
+            raise ValueError(f"cannot pack a {b.dtype} matrix on {b.device} for oneDNN")
+        from vllm import _custom_ops as ops
+
+        self.shape, self.dtype, self.device = tuple(b.shape), b.dtype, b.device
+        self._handler = ops.create_onednn_mm(b, 32)
+
+    @staticmethod
+    def supported(b: Tensor) -> bool:
+        """oneDNN packing is available for this matrix: CPU, bf16 or fp32, vLLM's CPU ops."""
+        if b.device.type != "cpu" or b.dtype not in (torch.bfloat16, torch.float32) or b.dim() != 2:
+            return False
+        try:
+            from vllm import _custom_ops as ops
+        except ImportError:
+            return False
+        return bool(getattr(ops, "_supports_onednn", False))
+
+    def matmul(self, a: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """a [..., K] (any dtype, cast to B's) @ B -> [..., N]; `out` a contiguous [M, N]."""
+        k, n = self.shape
+        a2 = a.to(self.dtype).reshape(-1, k)
+        if a2.stride(-1) != 1:
+            a2 = a2.contiguous()
+        if out is None:
+            out = torch.empty((a2.shape[0], n), dtype=self.dtype)
+        torch.ops._C.onednn_mm(out, a2, None, self._handler.handler_tensor)
+        return out.reshape(*a.shape[:-1], n)
