@@ -11,10 +11,10 @@ test: install
 	.venv/bin/python -m pytest $(PYTEST_ARGS)
 
 bench-kernel: install
-	.venv/bin/python benchmarks/visual_embed.py $(ARGS)
+	.venv/bin/python -m benchmarks.visual_embed $(ARGS)
 
 bench-preprocess: install
-	.venv/bin/python benchmarks/preprocess.py $(ARGS)
+	.venv/bin/python -m benchmarks.preprocess $(ARGS)
 
 bench-serve: install
-	.venv/bin/python benchmarks/serve.py $(ARGS)
+	.venv/bin/python -m benchmarks.serve $(ARGS)

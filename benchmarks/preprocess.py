@@ -8,9 +8,10 @@ environment variables take effect before torch / OpenCV start:
 Ours and the built-in alternate within every round, so load changes hit both alike. Each case
 also records the max abs pixel difference between the two (asserted <= 1e-6).
 
-    .venv/bin/python benchmarks/preprocess.py [--out benchmarks/out/] [--rounds 20]
+    .venv/bin/python -m benchmarks.preprocess [--out benchmarks/out/] [--rounds 20] [--chart]
 
-Writes preprocess.json and preprocess.png into --out.
+Writes preprocess.json and preprocess.png into --out; --chart also writes the chart to
+docs/charts/preprocess.png.
 """
 
 from __future__ import annotations
@@ -18,32 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.common import REPO, command_line, machine_info, out_dir, pyplot, save_chart, write_json
+
 SIDE = 384
 # (label, width, height): sizes whose grid at side 384 is 1x1, 2x2 and 3x3 (checked at run time).
 CASES = [("1x1", 320, 240, (1, 1)), ("2x2", 640, 480, (2, 2)), ("3x3", 1000, 1000, (3, 3))]
 THREAD_ENV = ["OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENCV_FOR_THREADS_NUM"]
-
-
-def cpu_model() -> str:
-    """lscpu's model name, with family/model when the name alone is vague (e.g. "AMD EPYC")."""
-    try:
-        fields = dict(
-            line.split(":", 1)
-            for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
-            if ":" in line
-        )
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
-        return f"{fields['Model name']} (family {fields.get('CPU family', '?')}, model {fields.get('Model', '?')})"
-    except (OSError, KeyError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
 
 
 def builtin_preprocessor():
@@ -90,8 +77,6 @@ def child(threads: str, rounds: int, images_per_case: int, result_path: str) -> 
     import torch
     from PIL import Image
     from tqdm import tqdm
-
-    sys.path.insert(0, str(REPO))
     from engine.preprocess import _resized_size, choose_grid, crop_boxes, preprocess_image
 
     if threads == "1":
@@ -141,12 +126,8 @@ def child(threads: str, rounds: int, images_per_case: int, result_path: str) -> 
     Path(result_path).write_text(json.dumps(results))
 
 
-def chart(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def chart(report: dict, path: Path, committed: bool = False) -> list[Path]:
+    plt = pyplot()
     settings = report["settings"]
     fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4.2), squeeze=False)
     for ax, (setting, result) in zip(axes[0], settings.items()):
@@ -167,14 +148,14 @@ def chart(report: dict, path: Path) -> None:
         ax.set_ylabel("images / s (log)")
         ax.set_title(f"threads={setting} (torch threads {result['torch_threads']})")
         ax.legend(fontsize=8)
-    fig.suptitle(f"Ovis image preprocessing, side {SIDE} - {report['cpu']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.suptitle(f"Ovis image preprocessing, side {SIDE} - {report['machine']['cpu']}", fontsize=10)
+    return save_chart(fig, path, committed)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "out"), help="output folder")
+    parser.add_argument("--out", help="output folder (default benchmarks/out/)")
+    parser.add_argument("--chart", action="store_true", help="also write docs/charts/preprocess.png")
     parser.add_argument("--rounds", type=int, default=20, help="timed rounds per case and setting")
     parser.add_argument("--images", type=int, default=4, help="distinct images per case")
     parser.add_argument("--child", nargs=2, metavar=("THREADS", "RESULT_JSON"), help=argparse.SUPPRESS)
@@ -183,31 +164,21 @@ def main() -> None:
         child(args.child[0], args.rounds, args.images, args.child[1])
         return
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    import numpy, PIL, torch, transformers, vllm  # noqa: E401  (versions for the record)
-
-    report = {
-        "command": " ".join([Path(sys.executable).name] + sys.argv),
-        "cpu": cpu_model(),
-        "cpus": os.cpu_count(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "pillow": PIL.__version__,
-                     "numpy": numpy.__version__, "transformers": transformers.__version__, "vllm": vllm.__version__},
-        "side": SIDE,
-        "settings": {},
-    }
+    out = out_dir(args.out)
+    report = {"command": command_line(__spec__.name, None), "machine": machine_info(), "side": SIDE, "settings": {}}
     for threads in ("1", "default"):
         env = dict(os.environ)
         if threads == "1":
             env.update({name: "1" for name in THREAD_ENV})
         with tempfile.NamedTemporaryFile(suffix=".json") as result:
-            subprocess.run([sys.executable, __file__, "--rounds", str(args.rounds), "--images", str(args.images),
-                            "--child", threads, result.name], env=env, check=True)
+            subprocess.run([sys.executable, "-m", "benchmarks.preprocess", "--rounds", str(args.rounds),
+                            "--images", str(args.images), "--child", threads, result.name],
+                           env=env, check=True, cwd=REPO)
             report["settings"][threads] = json.loads(Path(result.name).read_text())
 
-    (out / "preprocess.json").write_text(json.dumps(report, indent=2))
-    chart(report, out / "preprocess.png")
-    print(f"CPU: {report['cpu']} ({report['cpus']} CPUs)")
+    write_json(out / "preprocess.json", report)
+    charts = chart(report, out / "preprocess.png", args.chart)
+    print(f"CPU: {report['machine']['cpu']} ({report['machine']['cpus']} CPUs)")
     print(f"{'threads':>8} {'grid':>5} {'size':>10} {'ours img/s':>11} {'built-in img/s':>15} {'speedup':>8} "
           f"{'max|diff|':>10} {'PIL-only img/s':>15}")
     for threads, result in report["settings"].items():
@@ -215,7 +186,7 @@ def main() -> None:
             print(f"{threads:>8} {label:>5} {r['width']:>4}x{r['height']:<5} {r['ours_images_per_s']:>11.1f} "
                   f"{r['builtin_images_per_s']:>15.1f} {r['speedup']:>7.2f}x {r['max_abs_diff']:>10.2g} "
                   f"{r['serial_pil_resize_only_images_per_s']:>15.1f}")
-    print(f"wrote {out / 'preprocess.json'} and {out / 'preprocess.png'}")
+    print("wrote", out / "preprocess.json", *charts)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,17 @@
 """Serving benchmark: ours vs vLLM's built-in Ovis, same checkpoint, same machine, one run.
 
-    python benchmarks/serve.py --preset tiny --server both --concurrency 1 4 16 64
-    python benchmarks/serve.py --preset wide --workload encoder-heavy --server both
-    python benchmarks/serve.py --url http://host:8000 --model NAME      # an existing server
+    python -m benchmarks.serve --preset tiny --server both --concurrency 1 4 16 64
+    python -m benchmarks.serve --preset wide --workload encoder-heavy --server both
+    python -m benchmarks.serve --url http://host:8000 --model NAME      # an existing server
+    python -m benchmarks.serve --replot benchmarks/out/serve-ovis2-wide-mixed/serve.json --chart
 
 Requests go through the `openai` async client as streaming chat completions with base64 images
 of several crop grids (1x1, 2x2, 3x3 at the checkpoint's image side) and text lengths. The
 metrics (requests/s, output tokens/s, TTFT / inter-token latency p50/p90/p99) are computed by
 vLLM's own `vllm.benchmarks.serve.calculate_metrics` from the timings recorded here. The
-server's peak resident memory (its process tree) is sampled during each run. Writes JSON and
-PNG plots to --out and shows progress while it runs.
+server's peak resident memory (its process tree) is sampled during each run. Writes serve.json
+and the chart serve.png to --out and shows progress while it runs; --chart also writes the chart
+to docs/charts/serve.png, and --replot FILE redraws it from a saved serve.json without running.
 
 How ours and the built-in are compared (`--server both`): both servers are started on the same
 checkpoint with the same flags (the built-in with VLLM_PLUGINS=none) and stay up together; each
@@ -45,7 +47,8 @@ import numpy as np
 import psutil
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.common import REPO, command_line, machine_info, machine_name, out_dir, pyplot, save_chart, write_json
+
 WORKLOADS = {
     # (grid multiples of the image side, text words, max output tokens)
     "mixed": [((1, 1), 8, 32), ((2, 2), 40, 32), ((3, 3), 16, 32), ((1, 1), 120, 32)],
@@ -168,10 +171,10 @@ def start_server(kind: str, model: str, extra: list[str], log_dir: Path):
     env = dict(os.environ)
     if kind == "builtin":
         env["VLLM_PLUGINS"] = "none"
-    cmd = [sys.executable, str(ROOT / "server.py"), "--model", model, "--served-model-name", "bench",
+    cmd = [sys.executable, str(REPO / "server.py"), "--model", model, "--served-model-name", "bench",
            "--host", "127.0.0.1", "--port", str(port), "--seed", "0", *extra]
     log = open(log_dir / f"server-{kind}.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     import httpx
 
     base = f"http://127.0.0.1:{port}"
@@ -267,12 +270,32 @@ def bench(servers: dict, model: str, args, side: int, progress) -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
+def markdown_tables(result: dict) -> str:
+    """The run as RESULTS.md shows it: one row per server and level, then ours / built-in."""
+    lines = ["| server | conc | req/s (min-max) | out tok/s | TTFT p50/p90/p99 ms | ITL p50/p99 ms | errors | peak MiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(result["rows"], key=lambda r: (r["server"] != "ours", r["concurrency"])):
+        t, i = r["ttft_ms"], r["itl_ms"]
+        lines.append(f"| {r['server'].replace('builtin', 'built-in')} | {r['concurrency']} | {r['requests_per_s']:.3f} "
+                     f"({r['requests_per_s_min']:.3f}-{r['requests_per_s_max']:.3f}) | {r['output_tokens_per_s']:.1f} "
+                     f"| {t['p50']:.0f}/{t['p90']:.0f}/{t['p99']:.0f} | {i['p50']:.1f}/{i['p99']:.1f} | {r['errors']} "
+                     f"| {r['peak_rss_MiB'] or 0:.0f} |")
+    if result.get("ratios"):
+        lines += ["", "| conc | ours / built-in req/s | pairs min-max | run-to-run spread "
+                      "| ours' slowest / built-in's fastest | verdict | peak memory ratio |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['concurrency']} | {r['requests_per_s']:.3f} | {r['pair_min']:.3f}-{r['pair_max']:.3f} "
+                  f"| {r['spread']:.1%} | {r['worst_over_best']:.3f} | {r['verdict']} | {r['peak_rss']:.3f} |"
+                  for r in result["ratios"]]
+    return "\n".join(lines)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def plot(result: dict, path: Path, chart: bool = False) -> list[Path]:
+    """Requests/s and TTFT p50 per concurrency level, one line per server."""
+    args, rows = result["args"], result["rows"]
+    what = f"{args['url']} ({args['workload']})" if args["url"] else f"{args['preset']} preset, {args['workload']} workload"
+    machine = f" on {machine_name(result['machine'])}" if "machine" in result else ""  # older saved runs have none
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for label in sorted({r["server"] for r in rows}):
         sel = [r for r in rows if r["server"] == label]
@@ -281,14 +304,19 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
                          yerr=[[r["requests_per_s"] - r["requests_per_s_min"] for r in sel],
                                [r["requests_per_s_max"] - r["requests_per_s"] for r in sel]])
         axes[1].plot(conc, [r["ttft_ms"]["p50"] for r in sel], marker="o", label=label)
+    ours = {r["concurrency"]: r["requests_per_s"] for r in rows if r["server"] == "ours"}
+    for ratio in result.get("ratios", []):  # ours / built-in, next to ours' point
+        axes[0].annotate(f"{ratio['requests_per_s']:.3f}x ({ratio['verdict']})", (ratio["concurrency"],
+                         ours[ratio["concurrency"]]), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    levels = sorted({r["concurrency"] for r in rows})
     for ax, title in zip(axes, ["requests/s (min-max over repeats)", "TTFT p50 (ms)"]):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(c) for c in levels])
         ax.set_xlabel("concurrency")
         ax.set_title(title)
         ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.suptitle(f"Ovis serving, ours vs vLLM's built-in: {what}{machine}")
+    return save_chart(fig, path, chart)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -309,11 +337,18 @@ def main(argv: list[str] | None = None) -> dict:
                     help="run the two servers back to back instead of both up, interleaved")
     ap.add_argument("--server-args", default="", help="extra vLLM flags for started servers")
     ap.add_argument("--out", help="output folder (default benchmarks/out/serve-PRESET-WORKLOAD)")
+    ap.add_argument("--chart", action="store_true", help="also write the chart to docs/charts/serve.png")
+    ap.add_argument("--replot", metavar="SERVE_JSON",
+                    help="only redraw the chart of a saved run (into its folder), running nothing")
     args = ap.parse_args(argv)
+    if args.replot:
+        path = Path(args.replot)
+        result = json.loads(path.read_text())
+        print("wrote", *plot(result, path.with_name("serve.png"), args.chart))
+        return result
     from tqdm import tqdm
 
-    out = Path(args.out or f"benchmarks/out/serve-{'url' if args.url else args.preset}-{args.workload}")
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_dir(args.out, f"serve-{'url' if args.url else args.preset}-{args.workload}")
     rows: list[dict] = []
     n_servers = 2 if args.server == "both" and not args.url else 1
     progress = tqdm(total=len(args.concurrency) * args.repeats * n_servers, desc="benchmark runs")
@@ -354,7 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['requests_per_s_min']:>7.2f}-{r['requests_per_s_max']:<7.2f} {r['output_tokens_per_s']:>9.1f} "
               f"{t['p50']:>7.0f}/{t['p90']:.0f}/{t['p99']:.0f} {i['p50']:>8.1f}/{i['p99']:.1f} "
               f"{r['errors']:>6} {r['peak_rss_MiB'] or 0:>8.0f}")
-    result = {"args": vars(args), "rows": rows}
+    result = {"command": command_line(__spec__.name, argv), "machine": machine_info(), "args": vars(args), "rows": rows}
     if args.server == "both" and not args.url:
         ratios = [compare(o, next(b for b in rows if b["server"] == "builtin"
                                   and b["concurrency"] == o["concurrency"]))
@@ -366,9 +401,8 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{r['spread']:.1%}, ours' slowest / built-in's fastest {r['worst_over_best']:.3f}: "
                   f"{r['verdict']}), peak memory {r['peak_rss']:.3f}")
         result["ratios"] = ratios
-    (out / "serve.json").write_text(json.dumps(result, indent=2))
-    what = f"{args.url} ({args.workload})" if args.url else f"{args.preset} preset, {args.workload} workload"
-    plot(rows, out / "serve.png", f"Ovis serving, ours vs vLLM's built-in: {what}")
+    write_json(out / "serve.json", result)
+    print("wrote", out / "serve.json", *plot(result, out / "serve.png", args.chart))
     return result
 
 

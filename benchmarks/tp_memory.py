@@ -4,17 +4,16 @@ Builds the model's own sharded modules (engine/model.py) on the meta device at O
 (head 4608 -> 65531, LayerNorm 65531, VTE 65536 x 3584, bf16) for each TP size and compares
 them with vLLM's built-in Ovis, which replicates both on every rank.
 
-    python benchmarks/tp_memory.py [--tp 1 2 4 8] [--out benchmarks/out]
+    python -m benchmarks.tp_memory [--tp 1 2 4 8] [--out benchmarks/out]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 
+from benchmarks.common import out_dir, write_json
 from engine.model import ShardedHeadLinear, ShardedLayerNorm, ShardedVTE, VocabShard
 from engine.placeholders import NUM_INDICATORS
 
@@ -46,7 +45,7 @@ def row(tp: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4, 8])
-    ap.add_argument("--out", default="benchmarks/out")
+    ap.add_argument("--out", help="output folder (default benchmarks/out/)")
     args = ap.parse_args()
     rows = [row(tp) for tp in args.tp]
     print("| TP | head+LN+VTE per rank (ours) | built-in (replicated) | ours / built-in | sent per rank per 9-crop image |")
@@ -54,9 +53,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['tp']} | {r['ours_per_rank_MiB']:.1f} MiB | {r['builtin_per_rank_MiB']:.1f} MiB | "
               f"{r['ratio']:.3f} | {r['comm_per_image_MiB']:.1f} MiB |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tp_memory.json").write_text(json.dumps(rows, indent=2))
+    write_json(out_dir(args.out) / "tp_memory.json", rows)
 
 
 if __name__ == "__main__":

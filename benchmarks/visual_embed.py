@@ -2,11 +2,12 @@
 
 Methods, all in one run on the same inputs:
   unfused  vLLM 0.32's built-in way (full LN, softmax and padded copies, then one matmul)
-  chunked  our exact CPU path (row chunks within OVIS_VISUAL_EMBED_CHUNK_MB)
+  chunked  our exact CPU path (row chunks within --chunk-mb MiB)
   packed   the same with the VTE packed once for oneDNN (kernels.PackedMatrix), as served on CPU;
            packing is done before timing, like weight loading, and replaces the VTE copy
   triton   our fused kernels (CUDA only)
-  gemm     a plain [N, V] x [V, D] torch.matmul in the same dtype: the floor for unpacked weights
+  gemm     a plain torch.matmul of the same [N, Vh] x [Vh, D] product in the same dtype: the floor
+           (lower bound on time) for unpacked weights
 For each: median wall time, TFLOP/s (nominal 2*N*V*D for every method, so the figures compare
 directly), fraction of the GEMM floor (t_gemm / t), peak extra memory during one call (including
 the [N, D] output; the inputs exist before), and the relative difference to the unfused result.
@@ -16,25 +17,22 @@ CPU: the process's peak resident set (VmHWM, reset through /proc/self/clear_refs
 resident set before the call, with glibc told to mmap every block >= 64 KiB so that freed
 tensors really leave the resident set between measurements. Measured on a call after warmup.
 
-    python benchmarks/visual_embed.py                 # full: N in 196,1960,7840; bf16 + fp32
-    python benchmarks/visual_embed.py --quick         # N=196, bf16, 2 repeats
-    python benchmarks/visual_embed.py --sizes 196,1960 --dtypes bf16,fp32 --repeats 3
-Writes visual_embed.json and visual_embed.png to --out (default benchmarks/out/).
+    python -m benchmarks.visual_embed                 # full: N in 196,1960,7840; bf16 + fp32
+    python -m benchmarks.visual_embed --quick         # N=196, bf16, 2 repeats
+    python -m benchmarks.visual_embed --sizes 196,1960 --dtypes bf16,fp32 --repeats 3
+Writes visual_embed.json and visual_embed.png to --out (default benchmarks/out/); --chart also
+writes the chart to docs/charts/visual_embed.png.
 """
 import argparse
 import ctypes
-import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels import visual_embed as ve  # noqa: E402
+import kernels
+from benchmarks.common import command_line, machine_info, machine_name, out_dir, pyplot, save_chart, write_json
 
 V, D, EPS = 65536, 3584, 1e-6
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -91,37 +89,42 @@ def time_fn(fn, device: torch.device, repeats: int) -> list[float]:
 
 
 # --------------------------------------------------------------------------------- the cases
-def make_inputs(n: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+def make_inputs(n: int, dtype: torch.dtype, device: torch.device, seed: int = 0, v: int = V, d: int = D):
     g = torch.Generator(device=device).manual_seed(seed)
-    vh = V - ve.NUM_INDICATORS
+    vh = v - kernels.NUM_INDICATORS
     logits = (torch.randn(n, vh, generator=g, device=device) * 3).to(dtype)
     w = (0.5 + 2 * torch.rand(vh, generator=g, device=device)).to(dtype)
     b = (0.5 * torch.randn(vh, generator=g, device=device)).to(dtype)
-    vte = (0.02 * torch.randn(V, D, generator=g, device=device)).to(dtype)
+    vte = (0.02 * torch.randn(v, d, generator=g, device=device)).to(dtype)
     return logits, w, b, vte
 
 
-def methods_for(device: torch.device, args, gemm_input):
+def gemm_floor(logits, vte):
+    """The same [N, Vh] x [Vh, D] product as a plain matmul: no LayerNorm, no softmax."""
+    table = vte[: logits.shape[1]]
+    return lambda: torch.matmul(logits, table)
+
+
+def methods_for(device: torch.device, args, chunk_mb: float):
     logits, w, b, vte = args
     m = {
-        "unfused": lambda: ve.visual_embedding_unfused(logits, w, b, vte, EPS),
-        "chunked": lambda: ve.visual_embedding_chunked(logits, w, b, vte, EPS),
+        "unfused": lambda: kernels.visual_embedding_unfused(logits, w, b, vte, EPS),
+        "chunked": lambda: kernels.visual_embedding_chunked(logits, w, b, vte, EPS, chunk_mb=chunk_mb),
     }
-    if ve.PackedMatrix.supported(vte):
-        packed = ve.PackedMatrix(vte[: logits.shape[1]])
-        m["packed"] = lambda: ve.visual_embedding_chunked(logits, w, b, packed, EPS)
+    if kernels.PackedMatrix.supported(vte):
+        packed = kernels.PackedMatrix(vte[: logits.shape[1]])
+        m["packed"] = lambda: kernels.visual_embedding_chunked(logits, w, b, packed, EPS, chunk_mb=chunk_mb)
     if device.type == "cuda":
-        m["triton"] = lambda: ve.visual_embedding_triton(logits, w, b, vte, EPS)
-    m["gemm"] = lambda: torch.matmul(gemm_input, vte)
+        m["triton"] = lambda: kernels.visual_embedding_triton(logits, w, b, vte, EPS)
+    m["gemm"] = gemm_floor(logits, vte)
     return m
 
 
-def run_case(n, dtype_name, device, repeats, warmup, progress):
-    dtype = DTYPES[dtype_name]
-    args = make_inputs(n, dtype, device)
-    gemm_input = torch.rand(n, V, dtype=dtype, device=device)
-    methods = methods_for(device, args, gemm_input)
-    flops = 2 * n * V * D
+def run_case(n, dtype_name, device, repeats, warmup, progress, chunk_mb=kernels.DEFAULT_CHUNK_MB, v=V, d=D):
+    """Every method on the same inputs; one row per method. v and d default to Ovis1.6's sizes."""
+    args = make_inputs(n, DTYPES[dtype_name], device, v=v, d=d)
+    methods = methods_for(device, args, chunk_mb)
+    flops = 2 * n * v * d  # nominal, as in the module docstring
     rows, outputs, times = [], {}, {name: [] for name in methods}
     for name, fn in methods.items():
         progress.set_postfix_str(f"N={n} {dtype_name} {name} warmup")
@@ -146,7 +149,8 @@ def run_case(n, dtype_name, device, repeats, warmup, progress):
     for r in rows:
         r["frac_of_gemm"] = gemm_t / r["median_s"]
         r["time_vs_unfused"] = r["median_s"] / base["median_s"]
-        r["mem_vs_unfused"] = r["peak_extra_mb"] / base["peak_extra_mb"]
+        # At toy sizes (tests) the resident set may not grow at all.
+        r["mem_vs_unfused"] = r["peak_extra_mb"] / base["peak_extra_mb"] if base["peak_extra_mb"] else float("nan")
         if r["method"] in outputs:
             r["rel_diff_vs_unfused"] = ((outputs[r["method"]] - ref).norm() / ref.norm()).item()
     return rows
@@ -163,7 +167,7 @@ def sweep_triton(sizes, device, repeats):
     for n in sizes:
         args = make_inputs(n, torch.bfloat16, device)
         for cfg in configs:
-            fn = lambda: ve.visual_embedding_triton(*args, EPS, config=cfg)
+            fn = lambda: kernels.visual_embedding_triton(*args, EPS, config=cfg)
             try:
                 fn()
                 med = statistics.median(time_fn(fn, device, repeats))
@@ -177,21 +181,6 @@ def sweep_triton(sizes, device, repeats):
 
 
 # --------------------------------------------------------------------------------- reporting
-def machine_info(device: torch.device) -> dict:
-    info = dict(python=platform.python_version(), torch=torch.__version__,
-                threads=torch.get_num_threads(),
-                chunk_mb=os.environ.get("OVIS_VISUAL_EMBED_CHUNK_MB", ve.DEFAULT_CHUNK_MB))
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        info["cpu"] = next(l.split(":", 1)[1].strip() for l in lscpu.splitlines()
-                           if l.startswith("Model name"))
-    except (OSError, StopIteration):
-        info["cpu"] = platform.processor()
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def markdown_table(rows) -> str:
     lines = ["| N | dtype | method | median | TFLOP/s | of GEMM floor | peak extra MiB "
              "| time vs unfused | mem vs unfused | rel diff vs unfused |",
@@ -206,11 +195,8 @@ def markdown_table(rows) -> str:
     return "\n".join(lines)
 
 
-def plot(rows, path, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(rows, path, title, chart=False):
+    plt = pyplot()
     cases = sorted({(r["n"], r["dtype"]) for r in rows}, key=lambda c: (c[1], c[0]))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
@@ -231,11 +217,10 @@ def plot(rows, path, title):
         ax.legend(fontsize=8)
     axes[1].set_yscale("log")
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return save_chart(fig, path, chart)
 
 
-def main():
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="196,1960,7840", help="comma-separated N (visual tokens)")
     p.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp16, fp32")
@@ -244,8 +229,11 @@ def main():
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="N=196, bf16, 2 repeats")
     p.add_argument("--sweep", action="store_true", help="CUDA: also time product-kernel configs")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
-    a = p.parse_args()
+    p.add_argument("--chunk-mb", type=float, default=kernels.DEFAULT_CHUNK_MB,
+                   help="row-chunk memory budget (MiB) of the chunked and packed methods")
+    p.add_argument("--out", help="output folder (default benchmarks/out/)")
+    p.add_argument("--chart", action="store_true", help="also write docs/charts/visual_embed.png")
+    a = p.parse_args(argv)
 
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available()
                           else a.device if a.device != "auto" else "cpu")
@@ -254,30 +242,28 @@ def main():
     repeats = 2 if a.quick else a.repeats or (20 if device.type == "cuda" else 3)
     if device.type == "cpu":
         _cpu_setup_allocator()
-    os.makedirs(a.out, exist_ok=True)
+    out = out_dir(a.out)
 
     from tqdm import tqdm
     # unfused, chunked, gemm + triton (CUDA) or packed (CPU with vLLM's oneDNN ops)
-    n_methods = 4 if device.type == "cuda" or ve.PackedMatrix.supported(torch.zeros(1, 1)) else 3
+    n_methods = 4 if device.type == "cuda" or kernels.PackedMatrix.supported(torch.zeros(1, 1)) else 3
     rows = []
     with tqdm(total=len(sizes) * len(dtypes) * n_methods, desc="visual_embed") as progress:
         for dtype_name in dtypes:
             for n in sizes:
-                rows += run_case(n, dtype_name, device, repeats, a.warmup, progress)
+                rows += run_case(n, dtype_name, device, repeats, a.warmup, progress, a.chunk_mb)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-    result = dict(command=" ".join([os.path.basename(sys.executable)] + sys.argv),
-                  device=device.type, machine=machine_info(device), V=V, D=D,
-                  repeats=repeats, warmup=a.warmup, results=rows)
+    result = dict(command=command_line(__spec__.name, argv), device=device.type, machine=machine_info(), V=V, D=D,
+                  chunk_mb=a.chunk_mb, repeats=repeats, warmup=a.warmup, results=rows)
     if a.sweep and device.type == "cuda":
         result["sweep"] = sweep_triton(sizes, device, repeats)
-    with open(os.path.join(a.out, "visual_embed.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    info = result["machine"]
-    plot(rows, os.path.join(a.out, "visual_embed.png"),
-         f"Ovis visual embedding, V={V}, D={D} on {info.get('gpu', info['cpu'])}")
+    write_json(out / "visual_embed.json", result)
+    charts = plot(rows, out / "visual_embed.png",
+                  f"Ovis visual embedding, V={V}, D={D} on {machine_name(result['machine'])}", a.chart)
     print(markdown_table(rows))
-    print(f"wrote {a.out}/visual_embed.json and visual_embed.png")
+    print("wrote", out / "visual_embed.json", *charts)
+    return result
 
 
 if __name__ == "__main__":

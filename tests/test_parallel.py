@@ -139,7 +139,7 @@ def test_tp_memory_benchmark_runs(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, str(root / "benchmarks" / "tp_memory.py"), "--tp", "1", "2", "4",
+    subprocess.run([sys.executable, "-m", "benchmarks.tp_memory", "--tp", "1", "2", "4",
                     "--out", str(tmp_path)], check=True, cwd=root, capture_output=True)
     rows = json.loads((tmp_path / "tp_memory.json").read_text())
     for r in rows:
