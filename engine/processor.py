@@ -41,6 +41,16 @@ DEFAULT_COVERING_THRESHOLD = 0.9
 PROCESSOR_OPTIONS = ("max_partition", "covering_threshold", "max_pixels")
 
 
+def _option(options: Mapping[str, object], name: str, default: object, *, float_ok: bool,
+            valid, requirement: str) -> object:
+    """options[name] (or the default) if it is a JSON number of the right kind passing `valid`."""
+    value = options.get(name, default)
+    kinds = (int, float) if float_ok else int
+    if isinstance(value, bool) or not isinstance(value, kinds) or not valid(value):
+        raise ValueError(f"mm_processor_kwargs {name} must be {requirement}, not {value!r}")
+    return value
+
+
 def _decoded(image: object) -> object:
     """Decode a lazily opened PIL image now, so corrupt or truncated data is a clear ValueError
     before anything (hashing, caching, preprocessing) touches its pixels."""
@@ -126,25 +136,31 @@ class OvisProcessingInfo(BaseProcessingInfo):
         return {}  # no Hugging Face processor: our options stay flat
 
     def processor_options(self, request_kwargs: Mapping[str, object]) -> dict[str, object]:
-        """Server-level --mm-processor-kwargs merged with the request's, validated."""
+        """Server-level --mm-processor-kwargs merged with the request's, validated: a bad name,
+        type or value is a ValueError (HTTP 400) naming the option."""
         merged = self.ctx.get_merged_mm_kwargs(request_kwargs)
         unknown = sorted(set(merged) - set(PROCESSOR_OPTIONS))
         if unknown:
             raise ValueError(f"unknown Ovis mm_processor_kwargs {unknown}; "
                              f"supported: {list(PROCESSOR_OPTIONS)}")
-        max_partition = int(merged.get("max_partition", DEFAULT_MAX_PARTITION))
-        if request_kwargs:
-            # vLLM sized its encoder budget for the server's largest grid; a request may only
-            # ask for fewer crops.
-            server_max = self.processor_options({})["max_partition"]
-            if max_partition > server_max:
-                raise ValueError(f"max_partition {max_partition} is above this server's "
-                                 f"{server_max} (set with --mm-processor-kwargs)")
-        return {
-            "max_partition": max_partition,
-            "covering_threshold": float(merged.get("covering_threshold", DEFAULT_COVERING_THRESHOLD)),
-            "max_pixels": int(merged.get("max_pixels", DEFAULT_MAX_PIXELS)),
+        options = {
+            "max_partition": _option(merged, "max_partition", DEFAULT_MAX_PARTITION, float_ok=False,
+                                     valid=lambda v: v >= 1, requirement="an integer >= 1"),
+            "covering_threshold": _option(merged, "covering_threshold", DEFAULT_COVERING_THRESHOLD,
+                                          float_ok=True, valid=lambda v: 0 < v <= 1,
+                                          requirement="a number in (0, 1]"),
+            "max_pixels": _option(merged, "max_pixels", DEFAULT_MAX_PIXELS, float_ok=False,
+                                  valid=lambda v: v >= 1, requirement="an integer >= 1"),
         }
+        if request_kwargs:
+            # vLLM sized its encoder budget for the server's largest grid, and max_pixels is the
+            # operator's cap on decoded images: a request may only ask for less.
+            server = self.processor_options({})
+            for name in ("max_partition", "max_pixels"):
+                if options[name] > server[name]:
+                    raise ValueError(f"{name} {options[name]} is above this server's "
+                                     f"{server[name]} (set with --mm-processor-kwargs)")
+        return options
 
     def max_grid(self) -> tuple[int, int]:
         """The grid with the most crops allowed by the server's max_partition."""

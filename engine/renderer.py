@@ -79,3 +79,13 @@ class OvisHfRenderer(HfRenderer):
             prefix, suffix = self._ovis_wrapping
             ids = prefix + ids + suffix
         return self._build_tokens_prompt(ids, prompt)
+
+    def _validate_mm_uuids(self, mm_data, mm_data_items, mm_uuid_items) -> None:
+        try:
+            super()._validate_mm_uuids(mm_data, mm_data_items, mm_uuid_items)
+        except ValueError as exc:
+            if "is empty" not in str(exc):
+                raise
+            # An image_url part whose url is "" reaches here as an empty item.
+            raise ValueError(f"an image_url part has an empty url; give the image as a data: or "
+                             f"http(s): URL ({exc})") from exc
