@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
 import json
-import struct
-import zlib
 
 import httpx
 import numpy as np
@@ -15,15 +12,11 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.helpers import SIDE, free_port, png_bytes, rand_image, running_server
+from tests.helpers import SIDE, data_url, free_port, png_bytes, png_header_only, rand_image, running_server
 
 API_KEY = "test-key"
 MODEL = "ovis-test"
 IMAGE_LIMIT = 3
-
-
-def data_url(data: bytes, mime: str = "image/png") -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
 def image_part(url: str) -> dict:
@@ -32,14 +25,6 @@ def image_part(url: str) -> dict:
 
 def user(text: str, *urls: str) -> list[dict]:
     return [{"role": "user", "content": [*map(image_part, urls), {"type": "text", "text": text}]}]
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height pixels, with no pixel data behind it."""
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
 @pytest.fixture(scope="module")
