@@ -254,7 +254,10 @@ class OvisMediaConnector(MediaConnector):
 
     def load_from_url(self, url, media_io, *, fetch_timeout=None):
         if self._check_scheme(url) in HTTP_SCHEMES:
-            return media_io.load_bytes(asyncio.run(self._fetch(url, fetch_timeout)))
+            # A thread of its own for the event loop: the caller's may run one (a notebook).
+            with ThreadPoolExecutor(1) as pool:
+                data = pool.submit(asyncio.run, self._fetch(url, fetch_timeout)).result()
+            return media_io.load_bytes(data)
         return super().load_from_url(url, media_io, fetch_timeout=fetch_timeout)
 
     async def load_from_url_async(self, url, media_io, *, fetch_timeout=None):
