@@ -1,5 +1,5 @@
 """server.py --api-server-count 2 runs vLLM's serve command: two API-server processes share the
-port, and each runs our plugin (media connector, URL policy, renderer)."""
+port, and each runs our plugin (media connector, URL policy, renderer) and request body cap."""
 
 from __future__ import annotations
 
@@ -12,13 +12,15 @@ import pytest
 from tests.helpers import SIDE, data_url, png_bytes, rand_image, running_server
 
 MODEL = "ovis-two-fronts"
+MAX_REQUEST_BYTES = 1 << 20
 IMAGE = data_url(png_bytes(rand_image(2 * SIDE, SIDE, 21)))
 
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, tmp_path_factory):
     args = ["--model", str(tiny_checkpoint), "--served-model-name", MODEL, "--dtype", "float32",
-            "--enforce-eager", "--max-num-seqs", "4", "--seed", "0", "--api-server-count", "2"]
+            "--enforce-eager", "--max-num-seqs", "4", "--seed", "0", "--api-server-count", "2",
+            "--max-request-bytes", str(MAX_REQUEST_BYTES)]
     log = tmp_path_factory.mktemp("api-servers") / "server.log"
     with running_server(args, log, env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as base:
         yield base, log
@@ -47,6 +49,8 @@ def test_each_api_server_process_runs_the_plugin(server):
             assert private.status_code == 400 and "non-public address" in private.text, private.text
             marker = ask(http, "What is <image>?")  # our renderer
             assert marker.status_code == 400 and "no image was given" in marker.text, marker.text
+            big = ask(http, "x" * MAX_REQUEST_BYTES)  # our middleware, configured from server.py
+            assert big.status_code == 413 and "--max-request-bytes" in big.text, big.text
             good = ask(http, image_question(IMAGE))
             assert good.status_code == 200, good.text
             answers.append((good.json()["choices"][0]["message"]["content"],

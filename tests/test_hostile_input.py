@@ -3,6 +3,7 @@ problem, and the server goes on serving (a good request on the same connection a
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -12,6 +13,18 @@ import pytest
 from tests.helpers import SIDE, data_url, png_bytes, png_header_only, rand_image, running_server
 
 MODEL = "ovis-hostile"
+FETCH_TIMEOUT = 8
+# Loaded by every server process (PYTHONPATH): this one host name takes 60 s to look up.
+SLOW_HOST = "slow-resolver.test"
+SLOW_RESOLVER = f"""
+import socket, time
+_getaddrinfo = socket.getaddrinfo
+def getaddrinfo(host, *args, **kwargs):
+    if host == {SLOW_HOST!r}:
+        time.sleep(60)
+    return _getaddrinfo(host, *args, **kwargs)
+socket.getaddrinfo = getaddrinfo
+"""
 MAX_REQUEST_BYTES = 4 << 20
 MAX_PIXELS = 1_000_000  # the server's --mm-processor-kwargs cap
 GOOD_IMAGE = png_bytes(rand_image(2 * SIDE, SIDE, 11))
@@ -104,14 +117,19 @@ def server(tiny_checkpoint, media_dir, tmp_path_factory):
             "--mm-processor-kwargs", json.dumps({"max_pixels": MAX_PIXELS}),
             "--allowed-local-media-path", str(media_dir),
             "--max-request-bytes", str(MAX_REQUEST_BYTES)]
-    log = tmp_path_factory.mktemp("hostile") / "server.log"
-    with running_server(args, log, env={"VLLM_CPU_KVCACHE_SPACE": "1", "OVIS_IMAGE_URLS": "public"}) as base:
+    tmp = tmp_path_factory.mktemp("hostile")
+    (tmp / "sitecustomize.py").write_text(SLOW_RESOLVER)
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "OVIS_IMAGE_URLS": "public", "PYTHONPATH": str(tmp),
+           "VLLM_IMAGE_FETCH_TIMEOUT": str(FETCH_TIMEOUT)}
+    with running_server(args, tmp / "server.log", env=env) as base:
         yield base
 
 
+GOOD_REQUEST = {"model": MODEL, "max_tokens": 4, "temperature": 0, **with_url(data_url(GOOD_IMAGE))}
+
+
 def good_answer(http: httpx.Client) -> str:
-    response = http.post("/v1/chat/completions", json={
-        "model": MODEL, "max_tokens": 4, "temperature": 0, **with_url(data_url(GOOD_IMAGE))})
+    response = http.post("/v1/chat/completions", json=GOOD_REQUEST)
     assert response.status_code == 200, response.text
     return response.json()["choices"][0]["message"]["content"]
 
@@ -144,3 +162,21 @@ def test_local_file_in_the_allowed_directory_is_served(server, media_dir):
                .choices[0].message.content
                for url in ((media_dir / "allowed.png").as_uri(), data_url(GOOD_IMAGE))]
     assert answers[0] == answers[1]
+
+
+def test_a_slow_resolver_stalls_no_one_else(server):
+    """While one request's image host takes 60 s to look up, other requests are answered, and
+    that one gets a 400 when the fetch timeout runs out."""
+    async def run():
+        async with httpx.AsyncClient(base_url=server, timeout=120) as http:
+            slow = asyncio.create_task(http.post("/v1/chat/completions", json={
+                "model": MODEL, "max_tokens": 4, **with_url(f"http://{SLOW_HOST}/x.png")}))
+            await asyncio.sleep(0.5)  # its lookup is under way
+            others = await asyncio.gather(*[http.post("/v1/chat/completions", json=GOOD_REQUEST)
+                                            for _ in range(4)])
+            answered_first = not slow.done()
+            return others, answered_first, await slow
+
+    others, answered_first, slow = asyncio.run(run())
+    assert [r.status_code for r in others] == [200] * 4 and answered_first
+    assert slow.status_code == 400 and f"took longer than {FETCH_TIMEOUT} s" in slow.text, slow.text
