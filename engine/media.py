@@ -135,6 +135,13 @@ class PinnedResolver(aiohttp.abc.AbstractResolver):
         pass
 
 
+def _parse_url(url: str) -> yarl.URL:
+    try:
+        return yarl.URL(url)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"invalid image URL {url[:100]!r}: {exc}") from exc
+
+
 async def _read_capped(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
     too_big = f"above this server's cap of {max_bytes} bytes for image URLs"
     if response.content_length is not None and response.content_length > max_bytes:
@@ -159,7 +166,7 @@ async def fetch_url_bytes(url: str, *, timeout: float, allowed: AddressCheck | N
     redirects = max_redirects() if redirects is None else redirects
 
     async def fetch() -> bytes:
-        current = yarl.URL(url)
+        current = _parse_url(url)
         for hop in range(redirects + 1):
             if current.scheme not in HTTP_SCHEMES or not current.raw_host:
                 raise ValueError(f"cannot fetch the image URL {str(current)[:100]!r}: not an "
@@ -172,7 +179,7 @@ async def fetch_url_bytes(url: str, *, timeout: float, allowed: AddressCheck | N
             async with aiohttp.ClientSession(connector=connector, trust_env=False) as session, \
                     session.get(current, allow_redirects=False) as response:
                 if response.status in REDIRECT_STATUSES and "Location" in response.headers:
-                    target = current.join(yarl.URL(response.headers["Location"]))
+                    target = current.join(_parse_url(response.headers["Location"]))
                     if hop == redirects:
                         raise ValueError(
                             f"the image URL redirects (HTTP {response.status} to "

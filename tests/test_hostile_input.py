@@ -56,6 +56,8 @@ CASES = {
     "garbage url": (with_url("not a url at all"), 400, "unsupported image url"),
     "data url without base64": (with_url("data:image/png,abc"), 400, "base64"),
     "data url without data": (with_url("data:image/png;base64"), 400, "missing ','"),
+    "http url with a port out of range": (with_url("http://example.com:99999/x.png"), 400, "invalid image url"),
+    "http url with a broken ipv6 host": (with_url("http://[::1/x.png"), 400, "invalid image url"),
     # loopback, private and link-local hosts under the default policy 'public'
     "loopback": (with_url("http://127.0.0.1:9/x.png"), 400, NON_PUBLIC),
     "ipv6 loopback": (with_url("http://[::1]/x.png"), 400, NON_PUBLIC),
