@@ -203,3 +203,15 @@ def test_non_public_addresses(address):
 @pytest.mark.parametrize("address", ["8.8.8.8", "2606:4700:4700::1111", "::ffff:8.8.8.8"])
 def test_public_addresses(address):
     assert media.is_public(ipaddress.ip_address(address))
+
+
+def test_the_blocking_connector_works_inside_a_running_loop(origin, monkeypatch):
+    """LLM.chat fetches with the blocking call; in a notebook an event loop is running."""
+    from engine.media import OvisMediaConnector
+
+    monkeypatch.setenv("OVIS_IMAGE_URLS", "any")
+
+    async def inside_a_loop():
+        return OvisMediaConnector().fetch_image(origin + "/image")
+
+    assert asyncio.run(inside_a_loop()).size == (40, 30)

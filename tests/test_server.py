@@ -120,15 +120,13 @@ def test_system_message_rejected(client):
         chat(client, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
 
 
+# URL and local-file cases: tests/test_hostile_input.py.
 BAD_REQUESTS = {
     "invalid base64": (user("Describe.", "data:image/png;base64,@@not-base64@@"), "base64"),
     "not an image": (user("Describe.", data_url(b"hello, I am text")), "decode"),
     "truncated png": (user("Describe.", data_url(IMAGES[0][:300])), "decode"),
     "zero-pixel image": (user("Describe.", data_url(png_header_only(0, 0))), "decode"),
     "decompression bomb": (user("Describe.", data_url(png_header_only(50000, 50000))), "decompression bomb"),
-    "loopback url": (user("Describe.", "http://127.0.0.1:9/x.png"), "non-public address"),
-    "link-local url": (user("Describe.", "http://169.254.169.254/latest/meta-data"), "non-public address"),
-    "unresolvable url": (user("Describe.", "http://no-such-host.invalid/x.png"), "cannot resolve"),
     "too many images": (user("Describe.", *[data_url(IMAGES[1])] * (IMAGE_LIMIT + 1)), f"At most {IMAGE_LIMIT} image"),
     "prompt over the context": ([{"role": "user", "content": "word " * 9000}], "maximum context length"),
 }
@@ -175,8 +173,7 @@ def test_fault_run(server, client):
     a 4xx, the server up at the end."""
     good = [user(f"Question {i}?", data_url(IMAGES[i % 3])) for i in range(6)]
     want = [chat(client, m).choices[0].message.content for m in good]
-    # URL cases stay out: they are covered one by one above, and name lookups add wall time.
-    bad = [m for name, (m, _) in BAD_REQUESTS.items() if "url" not in name]
+    bad = [messages for messages, _ in BAD_REQUESTS.values()]
     jobs = [("good", i % len(good)) if i % 2 == 0 else ("bad", i % len(bad)) for i in range(240)]
     counts = {"good_ok": 0, "good_wrong": 0, "bad_4xx": 0, "other": 0}
 
