@@ -139,6 +139,43 @@ def test_connects_only_to_the_checked_addresses(origin, names):
     assert names["calls"] == ["rebind.test"] and Handler.hosts == [f"rebind.test:{port}"]
 
 
+@pytest.fixture
+def tls_origin(tmp_path, monkeypatch):
+    """An https server on 127.0.0.1 whose self-signed certificate names only pinned.test, which
+    the fetch trusts (aiohttp's verifying context swapped for one with this certificate)."""
+    import shutil
+    import ssl
+    import subprocess
+
+    import aiohttp.connector
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=pinned.test",
+                    "-addext", "subjectAltName=DNS:pinned.test"], check=True, capture_output=True)
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(cert, key)
+    httpd = QuietServer(("127.0.0.1", 0), Handler)
+    httpd.socket = server_context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    monkeypatch.setattr(aiohttp.connector, "_SSL_CONTEXT_VERIFIED", ssl.create_default_context(cafile=cert))
+    yield httpd.server_address[1]
+    httpd.shutdown()
+
+
+def test_tls_checks_the_url_host_on_the_pinned_address(tls_origin, names):
+    """Connected to the checked address, TLS still verifies the certificate against the URL's
+    host name (sent as SNI), and the Host header is the URL's."""
+    names["pinned.test"] = ["127.0.0.1"]
+    Handler.hosts.clear()
+    assert fetch(f"https://pinned.test:{tls_origin}/image") == IMAGE
+    assert Handler.hosts == [f"pinned.test:{tls_origin}"]
+    with pytest.raises(ValueError, match="certificate"):  # the certificate does not name the address
+        fetch(f"https://127.0.0.1:{tls_origin}/image")
+
+
 def test_a_slow_lookup_times_out_without_stalling_others(origin, names):
     names["slow.test"] = lambda: time.sleep(3) or ["127.0.0.1"]
 
