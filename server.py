@@ -49,8 +49,8 @@ DEFAULT_MAX_REQUEST_BYTES = 64 << 20
 
 
 class RequestBodyLimit:
-    """ASGI middleware: a request body over OVIS_MAX_REQUEST_BYTES gets HTTP 413 and is never
-    held in memory. The body is read to its end first (and dropped), so that the client, still
+    """ASGI middleware: a request body over OVIS_MAX_REQUEST_BYTES gets HTTP 413, with no more
+    than that held in memory. The rest is read to its end and dropped, so that the client, still
     sending, gets the answer and not a reset connection."""
 
     def __init__(self, app) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 
 import httpx
 import openai
@@ -64,6 +65,22 @@ def test_ovis2_defaults(tmp_path):
     argv = build_argv(["--model", str(path)])
     assert _value(argv, "--chat-template") == QWEN_CHAT_TEMPLATE
     assert "--max-model-len" not in argv  # Qwen2.5 allows 32768 = multimodal_max_length
+
+
+def test_our_flags_go_to_the_environment(tiny_checkpoint, monkeypatch):
+    """Taken out of vLLM's argv into variables that every process vLLM starts inherits."""
+    limits = {"--image-url-max-bytes": "OVIS_IMAGE_URL_MAX_BYTES",
+              "--image-url-redirects": "OVIS_IMAGE_URL_REDIRECTS",
+              "--max-request-bytes": "OVIS_MAX_REQUEST_BYTES"}
+    for env in limits.values():
+        monkeypatch.setenv(env, "7")  # restored after the test
+    argv = build_argv(["--model", str(tiny_checkpoint), "--image-url-max-bytes", "1000",
+                       "--image-url-redirects=2"])
+    assert not set(limits) & {a.split("=")[0] for a in argv}
+    assert [os.environ[env] for env in limits.values()] == ["1000", "2", "7"]
+    assert _value(argv, "--middleware") == "server.RequestBodyLimit"
+    with pytest.raises(SystemExit, match="integer >= 0"):
+        build_argv(["--model", str(tiny_checkpoint), "--max-request-bytes", "-1"])
 
 
 def test_explicit_longer_context_is_refused(llama_checkpoint):
