@@ -214,8 +214,10 @@ def plot(rows, path, title, chart=False):
         ax.set_xticklabels([f"N={n}\n{dt}" for n, dt in cases])
         ax.set_ylabel(ylabel)
         ax.set_title(f"bar labels: absolute {unit}", fontsize=9)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper center", ncols=len(methods))  # in the headroom, off the bars
+    axes[0].set_ylim(top=axes[0].get_ylim()[1] * 1.2)
     axes[1].set_yscale("log")
+    axes[1].set_ylim(top=axes[1].get_ylim()[1] * 4)
     fig.suptitle(title)
     return save_chart(fig, path, chart)
 
