@@ -74,6 +74,17 @@ def test_plan(tmp_path, capsys):
     assert capsys.readouterr().out.count("\n") == 4
 
 
+def test_run_step_keeps_the_log_and_the_summary(tmp_path):
+    tests = dict(name="CUDA tests", cmd=[sys.executable, "-c", "print('4 passed, 90 deselected in 1.2s')\nprint()"],
+                 env={}, limit_s=60)
+    done = gpu_check.run_step(tests, tmp_path)
+    assert done["rc"] == 0 and done["summary"] == "4 passed, 90 deselected in 1.2s"
+    assert "4 passed" in (tmp_path / "CUDA-tests.log").read_text()
+    slow = dict(name="serving benchmark", cmd=[sys.executable, "-c", "import time; time.sleep(30)"], env={}, limit_s=1)
+    done = gpu_check.run_step(slow, tmp_path)
+    assert done["rc"] != 0 and done["summary"] == "stopped at its time limit" and done["seconds"] < 10
+
+
 def kernel_row(n, method, ms, frac):
     return dict(n=n, dtype="bf16", method=method, median_s=ms / 1e3, times_s=[ms / 1e3], tflops=1.0,
                 peak_extra_mb=10.0, frac_of_gemm=frac, time_vs_unfused=1.0, mem_vs_unfused=1.0,
