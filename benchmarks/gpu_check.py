@@ -180,10 +180,12 @@ def after_install(out: Path) -> int:
     if not torch.cuda.is_available():
         return stop("torch in .venv does not see CUDA after the install (is it the CUDA build?)")
     started = datetime.datetime.now(datetime.timezone.utc)
+    kernel_json, serve_json = out / "kernel" / "visual_embed.json", out / "serve" / "serve.json"
+    for earlier in (kernel_json, serve_json):  # a failed step must not report an earlier run's figures
+        earlier.unlink(missing_ok=True)
     steps = [json.loads((out / "install.json").read_text())]
     steps += [run_step(step, out) for step in plan(out)[1:]]
-    section = results_section(started, machine_info(), git_commit(), steps,
-                              read_json(out / "kernel" / "visual_embed.json"), read_json(out / "serve" / "serve.json"))
+    section = results_section(started, machine_info(), git_commit(), steps, read_json(kernel_json), read_json(serve_json))
     append_section(section)
     print(section)
     print(f"appended to {RESULTS}")
