@@ -33,8 +33,8 @@ CASES = [("1x1", 320, 240, (1, 1)), ("2x2", 640, 480, (2, 2)), ("3x3", 1000, 100
 THREAD_ENV = ["OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENCV_FOR_THREADS_NUM"]
 
 
-def builtin_preprocessor():
-    """vLLM's OvisProcessor.preprocess_image with a SigLIP image processor (384, bicubic, 0.5/0.5).
+def builtin_preprocessor(side: int = SIDE):
+    """vLLM's OvisProcessor.preprocess_image with a SigLIP image processor (side, bicubic, 0.5/0.5).
 
     transformers 5 falls back from SiglipImageProcessor to its PIL backend when torchvision is
     missing; we name the PIL class so the comparison is the same whatever is installed. The
@@ -49,7 +49,7 @@ def builtin_preprocessor():
     from vllm.transformers_utils.processors.ovis import OvisProcessor
 
     image_processor = SiglipImageProcessorPil(
-        size={"height": SIDE, "width": SIDE}, resample=Image.Resampling.BICUBIC,
+        size={"height": side, "width": side}, resample=Image.Resampling.BICUBIC,
         image_mean=[0.5] * 3, image_std=[0.5] * 3,
     )
     tokenizer = PreTrainedTokenizerFast(
@@ -67,6 +67,20 @@ def builtin_preprocessor():
     return run
 
 
+def reference_resizes(image, side: int) -> None:
+    """The PIL work any exact implementation has to do, done serially: one crop + bicubic resize
+    per crop (and the whole image first when there are several). Its rate bounds what a single
+    thread can reach."""
+    from PIL import Image
+
+    from engine.preprocess import _resized_size, choose_grid, crop_boxes
+
+    boxes = crop_boxes(*image.size, choose_grid(*image.size, side))
+    for box in ([None] + boxes) if len(boxes) > 1 else boxes:
+        crop = image if box is None else image.crop(box)
+        crop.resize(_resized_size(*crop.size, side), Image.Resampling.BICUBIC)
+
+
 def child(threads: str, rounds: int, images_per_case: int, result_path: str) -> None:
     """Measure one thread setting; write its results as JSON to result_path."""
     if threads == "1":
@@ -77,21 +91,14 @@ def child(threads: str, rounds: int, images_per_case: int, result_path: str) -> 
     import torch
     from PIL import Image
     from tqdm import tqdm
-    from engine.preprocess import _resized_size, choose_grid, crop_boxes, preprocess_image
+    from engine.preprocess import choose_grid, preprocess_image
 
     if threads == "1":
         torch.set_num_threads(1)
     builtin = builtin_preprocessor()
     ours = lambda image: preprocess_image(image, SIDE)  # noqa: E731
 
-    def resize_only(image):
-        # The PIL work any exact implementation has to do, done serially: one crop + bicubic
-        # resize per crop. Its rate bounds what a single thread can reach.
-        boxes = crop_boxes(*image.size, choose_grid(*image.size, SIDE))
-        for box in ([None] + boxes) if len(boxes) > 1 else boxes:
-            crop = image if box is None else image.crop(box)
-            crop.resize(_resized_size(*crop.size, SIDE), Image.Resampling.BICUBIC)
-
+    resize_only = lambda image: reference_resizes(image, SIDE)  # noqa: E731
     rng = np.random.default_rng(0)
     results = {"torch_threads": torch.get_num_threads(), "cases": {}}
     for label, width, height, grid in CASES:
