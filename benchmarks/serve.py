@@ -6,7 +6,10 @@
     python -m benchmarks.serve --replot benchmarks/out/serve-ovis2-wide-mixed/serve.json --chart
 
 Requests go through the `openai` async client as streaming chat completions with base64 images
-of several crop grids (1x1, 2x2, 3x3 at the checkpoint's image side) and text lengths. The
+of several crop grids (1x1, 2x2, 3x3 at the checkpoint's image side) and text lengths; or, with
+`--workload realistic`, four full-size images per request (four of a 12 MP phone JPEG, a
+1920x1080 screenshot or a 2480x3508 greyscale scan, the kind rotating over requests), with the servers' processor and prefix
+caches off so every image is decoded and preprocessed. The
 metrics (requests/s, output tokens/s, TTFT / inter-token latency p50/p90/p99) are computed by
 vLLM's own `vllm.benchmarks.serve.calculate_metrics` from the timings recorded here. The
 server's peak resident memory (its process tree) is sampled during each run. Writes serve.json
@@ -32,6 +35,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import functools
 import io
 import json
 import os
@@ -53,10 +57,35 @@ WORKLOADS = {
     # (grid multiples of the image side, text words, max output tokens)
     "mixed": [((1, 1), 8, 32), ((2, 2), 40, 32), ((3, 3), 16, 32), ((1, 1), 120, 32)],
     "encoder-heavy": [((3, 3), 8, 4)],
+    "realistic": [],  # 4 full-size images per request (make_requests), 16 output tokens
 }
+IMAGES_PER_REALISTIC_REQUEST = 4
+REALISTIC_SERVER_ARGS = "--mm-processor-cache-gb 0 --no-enable-prefix-caching"
+
+
+@functools.lru_cache(maxsize=1)
+def realistic_image_urls() -> tuple[str, ...]:
+    """A phone photo (4032x3024 JPEG), a screenshot (1920x1080 PNG), a scan (2480x3508 grey PNG)."""
+    from benchmarks.image_costs import photo, scan, screenshot
+
+    return (data_url(photo(), "image/jpeg"), data_url(screenshot(), "image/png"), data_url(scan(), "image/png"))
+
+
+def data_url(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
 
 
 def make_requests(n: int, workload: str, side: int, seed: int = 0) -> list[dict]:
+    if workload == "realistic":
+        # Four copies of one of the three images per request, the kind rotating over requests:
+        # the built-in fails a prompt whose images have different crop grids. The servers run
+        # with their caches off (REALISTIC_SERVER_ARGS), so every image is decoded and
+        # preprocessed again.
+        urls = realistic_image_urls()
+        return [{"messages": [{"role": "user", "content": [
+            *({"type": "image_url", "image_url": {"url": urls[i % 3]}} for _ in range(IMAGES_PER_REALISTIC_REQUEST)),
+            {"type": "text", "text": f"Request {i}. What do these pictures show?"}]}], "max_tokens": 16}
+            for i in range(n)]
     rng = np.random.default_rng(seed)
     specs = WORKLOADS[workload]
     out = []
@@ -65,12 +94,21 @@ def make_requests(n: int, workload: str, side: int, seed: int = 0) -> list[dict]
         pixels = rng.integers(0, 256, (rows * side, cols * side, 3), dtype=np.uint8)
         buf = io.BytesIO()
         Image.fromarray(pixels).save(buf, format="PNG")
-        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        url = data_url(buf.getvalue(), "image/png")
         text = f"Request {i}. " + " ".join(["Describe the image in detail."] * max(1, words // 5))
         out.append({"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}],
             "max_tokens": max_tokens})
     return out
+
+
+def write_dataset(path: Path, requests: list[dict]) -> None:
+    """The requests as vLLM's custom_image JSONL (one message's content parts per line, in
+    order), so `vllm bench serve --dataset-name custom_image` sends exactly what this script
+    sends: the two benchmarks cross-check on one workload."""
+    with path.open("w") as f:
+        for req in requests:
+            f.write(json.dumps({"content": req["messages"][0]["content"]}) + "\n")
 
 
 class PeakMemory:
@@ -222,7 +260,7 @@ def summarize(label: str, concurrency: int, runs: list[dict]) -> dict:
     summary.update(
         server=label, concurrency=concurrency, requests=runs[0]["requests"],
         requests_per_s=mean_rate, requests_per_s_min=min(rates),
-        requests_per_s_max=max(rates), spread=(max(rates) - min(rates)) / mean_rate,
+        requests_per_s_max=max(rates), spread=(max(rates) - min(rates)) / mean_rate if mean_rate else 0.0,
         errors=sum(r["errors"] for r in runs),
         first_error=next((r["first_error"] for r in runs if r["first_error"]), ""),
         # Latency percentiles pooled the simple way: the median over repeats of each percentile.
@@ -338,6 +376,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--server-args", default="", help="extra vLLM flags for started servers")
     ap.add_argument("--out", help="output folder (default benchmarks/out/serve-PRESET-WORKLOAD)")
     ap.add_argument("--chart", action="store_true", help="also write the chart to docs/charts/serve.png")
+    ap.add_argument("--write-dataset", metavar="JSONL",
+                    help="only write the requests of the first level's first repeat (as --url runs "
+                         "them) in vLLM's custom_image format, for vllm bench serve; runs nothing")
     ap.add_argument("--replot", metavar="SERVE_JSON",
                     help="only redraw the chart of a saved run (into its folder), running nothing")
     args = ap.parse_args(argv)
@@ -346,6 +387,14 @@ def main(argv: list[str] | None = None) -> dict:
         result = json.loads(path.read_text())
         print("wrote", *plot(result, path.with_name("serve.png"), args.chart))
         return result
+    if args.write_dataset:
+        side = int(os.environ.get("OVIS_IMAGE_SIDE", "384"))
+        concurrency = args.concurrency[0]
+        requests = make_requests(max(args.requests, concurrency), args.workload, side, seed=1000 * concurrency)
+        write_dataset(Path(args.write_dataset), requests)
+        print(f"wrote {len(requests)} requests ({args.workload}, side {side}, max_tokens "
+              f"{sorted({r['max_tokens'] for r in requests})}) to {args.write_dataset}")
+        return {"requests": requests}
     from tqdm import tqdm
 
     out = out_dir(args.out, f"serve-{'url' if args.url else args.preset}-{args.workload}")
@@ -365,12 +414,15 @@ def main(argv: list[str] | None = None) -> dict:
         side = json.loads((Path(model) / "config.json").read_text())[
             "visual_tokenizer_config"]["backbone_config"]["image_size"]
         kinds = ["ours", "builtin"] if args.server == "both" else [args.server]
+        server_args = args.server_args.split()
+        if args.workload == "realistic":
+            server_args += REALISTIC_SERVER_ARGS.split()
         groups = [[k] for k in kinds] if args.one_at_a_time else [kinds]
         for group in groups:
             procs = {}
             try:
                 for kind in group:  # same checkpoint and flags
-                    procs[kind] = start_server(kind, model, args.server_args.split(), out)
+                    procs[kind] = start_server(kind, model, server_args, out)
                 servers = {}
                 for kind, (proc, base) in procs.items():
                     warm_up(base, "bench", args.workload, side)
