@@ -16,7 +16,8 @@ defaults fill in only what was not given:
 - on a machine without CUDA: `--gpu-memory-utilization 0.5` and VLLM_CPU_KVCACHE_SPACE=4 (GiB);
 - images from `image_url` parts are decoded as the reference sees them and fetched under a URL
   policy (engine/media.py);
-- request bodies over --max-request-bytes get HTTP 413 (the RequestBodyLimit middleware).
+- request bodies over --max-request-bytes get HTTP 413, and bodies being processed at once are
+  bounded by --max-pending-bytes (the RequestBodyLimit middleware).
 The stop tokens come from the checkpoint's generation_config.json (Gemma: `<eos>`,
 `<end_of_turn>`; Llama 3: `<|end_of_text|>`, `<|eom_id|>`, `<|eot_id|>`; Qwen: `<|im_end|>`,
 `<|endoftext|>`).
@@ -28,6 +29,10 @@ Our own flags (taken out before vLLM sees the rest):
   --image-url-redirects N         redirects followed per image URL, each hop checked as the
                                   first (default 0: none)
   --max-request-bytes N           the largest request body (default 64 MiB); larger: HTTP 413
+  --max-pending-bytes N           request bodies admitted and not yet answered, per API-server
+                                  process (default 128 MiB); more wait in line
+  --pending-timeout S             how long a request waits in that line before HTTP 503 with
+                                  Retry-After (default 60)
   --system-prompt {reject,merge}  formats without a system role (Gemma): a system message gets
                                   HTTP 400 (default, as the reference) or is merged into the
                                   first user message
@@ -46,16 +51,32 @@ DEFAULT_IMAGE_LIMIT = 8
 DEFAULT_SERVED_NAME = "ovis-default"
 # Eight images as base64 data URLs of a few MiB each fit; vLLM itself reads any body whole.
 DEFAULT_MAX_REQUEST_BYTES = 64 << 20
+# Bodies being decoded and preprocessed at once, per API-server process (RESULTS.md, "Realistic
+# images": what a burst costs with and without this bound).
+DEFAULT_MAX_PENDING_BYTES = 128 << 20
+DEFAULT_PENDING_TIMEOUT = 60
 
 
 class RequestBodyLimit:
-    """ASGI middleware: a request body over OVIS_MAX_REQUEST_BYTES gets HTTP 413, with no more
-    than that held in memory. The rest is read to its end and dropped, so that the client, still
-    sending, gets the answer and not a reset connection."""
+    """ASGI middleware bounding what request bodies cost the API server.
+
+    - A body over OVIS_MAX_REQUEST_BYTES gets HTTP 413, with no more than that held in memory.
+      The rest is read to its end and dropped, so that the client, still sending, gets the
+      answer and not a reset connection.
+    - Bodies admitted but not yet answered (the window in which their images are decoded and
+      preprocessed, several times the body's size in memory) total at most
+      OVIS_MAX_PENDING_BYTES; one request is always admitted. A request over the budget waits
+      in line; after OVIS_PENDING_TIMEOUT seconds it gets HTTP 503 with Retry-After. Its bytes
+      are released when its response starts (for a stream: once the prompt is processed).
+    """
 
     def __init__(self, app) -> None:
         self.app = app
         self.max_bytes = int(os.environ.get("OVIS_MAX_REQUEST_BYTES", DEFAULT_MAX_REQUEST_BYTES))
+        self.max_pending = int(os.environ.get("OVIS_MAX_PENDING_BYTES", DEFAULT_MAX_PENDING_BYTES))
+        self.timeout = float(os.environ.get("OVIS_PENDING_TIMEOUT", DEFAULT_PENDING_TIMEOUT))
+        self.pending = 0
+        self.released = None  # asyncio.Condition, made in the server's event loop
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -71,22 +92,63 @@ class RequestBodyLimit:
             if not message.get("more_body"):
                 break
         if size > self.max_bytes:
-            return await self._refuse(send, size)
+            return await self._error(send, 413, "RequestEntityTooLarge",
+                                     f"request body of {size} bytes is over this server's limit of "
+                                     f"{self.max_bytes} bytes (--max-request-bytes)")
+        if not await self._admit(size):
+            return await self._error(
+                send, 503, "ServiceUnavailable",
+                f"server busy: requests of {self.pending} bytes are still being processed and this "
+                f"one ({size} bytes) waited {self.timeout:g} s for room (--max-pending-bytes "
+                f"{self.max_pending}); retry later", retry_after=max(1, round(self.timeout)))
         buffered = iter(messages)
 
         async def replay():
             return next(buffered, None) or await receive()
 
-        await self.app(scope, replay, send)
+        held = size
 
-    async def _refuse(self, send, size: int) -> None:
-        message = (f"request body of {size} bytes is over this server's limit of "
-                   f"{self.max_bytes} bytes (--max-request-bytes)")
-        body = json.dumps({"error": {"message": message, "type": "RequestEntityTooLarge",
-                                     "param": None, "code": 413}}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
+        async def send_and_release(message):
+            nonlocal held
+            if message["type"] == "http.response.start" and held:
+                await self._release(held)
+                held = 0
+            await send(message)
+
+        try:
+            await self.app(scope, replay, send_and_release)
+        finally:
+            if held:
+                await self._release(held)
+
+    async def _admit(self, size: int) -> bool:
+        """Wait until `size` more pending bytes fit the budget (or nothing is pending); False
+        after the timeout."""
+        import asyncio
+
+        if self.released is None:
+            self.released = asyncio.Condition()
+        fits = lambda: self.pending == 0 or self.pending + size <= self.max_pending  # noqa: E731
+        async with self.released:
+            try:
+                await asyncio.wait_for(self.released.wait_for(fits), self.timeout)
+            except asyncio.TimeoutError:
+                return False
+            self.pending += size
+            return True
+
+    async def _release(self, size: int) -> None:
+        async with self.released:
+            self.pending -= size
+            self.released.notify_all()
+
+    async def _error(self, send, status: int, kind: str, message: str, retry_after: int | None = None) -> None:
+        body = json.dumps({"error": {"message": message, "type": kind, "param": None,
+                                     "code": status}}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if retry_after is not None:
+            headers.append((b"retry-after", str(retry_after).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
 
@@ -199,6 +261,8 @@ def build_argv(argv: list[str]) -> list[str]:
     _take_count(argv, "--image-url-max-bytes", "OVIS_IMAGE_URL_MAX_BYTES", DEFAULT_MAX_IMAGE_URL_BYTES)
     _take_count(argv, "--image-url-redirects", "OVIS_IMAGE_URL_REDIRECTS", 0)
     _take_count(argv, "--max-request-bytes", "OVIS_MAX_REQUEST_BYTES", DEFAULT_MAX_REQUEST_BYTES)
+    _take_count(argv, "--max-pending-bytes", "OVIS_MAX_PENDING_BYTES", DEFAULT_MAX_PENDING_BYTES)
+    _take_count(argv, "--pending-timeout", "OVIS_PENDING_TIMEOUT", DEFAULT_PENDING_TIMEOUT)
     system_prompt = _take_choice(argv, "--system-prompt", ("reject", "merge"), "reject")
     os.environ.setdefault("VLLM_MEDIA_CONNECTOR", "ovis")
     argv += ["--middleware", "server.RequestBodyLimit"]  # in every API-server process
