@@ -68,6 +68,26 @@ def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=1))
 
 
+def rss_by_process(pid: int) -> dict[str, int]:
+    """Resident bytes of a process and its descendants by name: the root as "server.py", the
+    rest as vLLM names them (VLLM::EngineCore, VLLM::Worker, ...); {} once it is gone."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return {}
+    rss: dict[str, int] = {}
+    for proc in procs:
+        try:
+            name = "server.py" if proc.pid == pid else proc.name()
+            rss[name] = rss.get(name, 0) + proc.memory_info().rss
+        except psutil.Error:  # it ended meanwhile
+            pass
+    return rss
+
+
 def pyplot():
     """matplotlib's pyplot without a display (benchmarks run headless)."""
     import matplotlib

@@ -48,10 +48,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 from PIL import Image
 
-from benchmarks.common import REPO, command_line, machine_info, machine_name, out_dir, pyplot, save_chart, write_json
+from benchmarks.common import (REPO, command_line, machine_info, machine_name, out_dir, pyplot, rss_by_process,
+                               save_chart, write_json)
 
 WORKLOADS = {
     # (grid multiples of the image side, text words, max output tokens)
@@ -117,13 +117,6 @@ class PeakMemory:
     def __init__(self, pid: int | None):
         self.pid, self.peak, self._stop = pid, 0, threading.Event()
 
-    def _rss(self) -> int:
-        try:
-            proc = psutil.Process(self.pid)
-            return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
-        except psutil.Error:
-            return 0
-
     def __enter__(self):
         if self.pid is not None:
             self._thread = threading.Thread(target=self._run, daemon=True)
@@ -132,7 +125,7 @@ class PeakMemory:
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
+            self.peak = max(self.peak, sum(rss_by_process(self.pid).values()))
             time.sleep(0.1)
 
     def __exit__(self, *exc):

@@ -14,9 +14,10 @@
   cancel     a good request cancelled by the client after a random 0-0.5 s
 and counts good_ok, good_wrong, bad_4xx, http_5xx, lost (a request that got no HTTP answer, or
 a bad one answered 2xx), disconnects and cancels. At the end the server must be idle
-(/metrics: nothing running or waiting) and the server's resident memory (process tree) is
-sampled every 15 s: the drift is the end minus the first sample after the first minute. Exits non-zero unless good_wrong, http_5xx and lost
-are 0 and the server is idle. Writes soak.json to --out.
+(/metrics: nothing running or waiting). The server's resident memory is sampled every 15 s, per
+process (server.py, VLLM::EngineCore, VLLM::Worker, ...): the drift is the end minus the first
+sample after the first minute, in all and per process. Exits non-zero unless good_wrong,
+http_5xx and lost are 0 and the server is idle. Writes soak.json to --out.
 """
 
 from __future__ import annotations
@@ -34,10 +35,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import psutil
 from PIL import Image
 
-from benchmarks.common import command_line, machine_info, out_dir, write_json
+from benchmarks.common import command_line, machine_info, out_dir, rss_by_process, write_json
 from benchmarks.serve import PeakMemory, start_server, stop_server
 
 KINDS = {"good": 5, "stream": 3, "n2": 2, "bad": 3, "disconnect": 2, "cancel": 2}  # weights
@@ -80,8 +80,8 @@ def bad_requests(model: str, side: int) -> list[dict]:
     ]
 
 
-def server_rss(pid: int | None) -> int | None:
-    return PeakMemory(pid)._rss() if pid else None
+def mib_by_process(pid: int) -> dict[str, float]:
+    return {name: rss / 2**20 for name, rss in rss_by_process(pid).items()}
 
 
 def gauges(base: str) -> dict[str, float]:
@@ -162,12 +162,12 @@ async def soak(base: str, model: str, api_key: str, minutes: float, concurrency:
             except (openai.APIConnectionError, httpx.HTTPError) as exc:
                 fail(kind, repr(exc)[:200], "lost")
 
-    async def sample_memory():  # the server's resident memory every 15 s of the run
+    async def sample_memory():  # the server's resident memory, per process, every 15 s of the run
         while time.time() < deadline:
-            timeline.append((round(minutes * 60 - (deadline - time.time())), server_rss(pid) / 2**20))
+            timeline.append((round(minutes * 60 - (deadline - time.time())), mib_by_process(pid)))
             await asyncio.sleep(min(15, max(0.1, deadline - time.time())))
 
-    timeline: list[tuple[int, float]] = []
+    timeline: list[tuple[int, dict[str, float]]] = []
     await asyncio.gather(*[worker() for _ in range(concurrency)],
                          *([sample_memory()] if pid else []))
     await http.aclose()
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
             time.sleep(1)
             now = gauges(base)
         result["left_running"] = now
-        rss_end = server_rss(pid)
+        rss_end = mib_by_process(pid)
     finally:
         if proc is not None:
             stop_server(proc)
@@ -228,9 +228,12 @@ def main(argv: list[str] | None = None) -> dict:
         timeline = result["rss_timeline_MiB"]
         settled = next((mib for t, mib in timeline if t >= 60), None) if args.minutes >= 2 else None
         settled = settled if settled is not None else timeline[0][1]
-        result["server_rss_MiB"] = {"settled": round(settled), "end": round(rss_end / 2**20),
+        total = lambda mib: sum(mib.values())  # noqa: E731
+        result["server_rss_MiB"] = {"settled": round(total(settled)), "end": round(total(rss_end)),
                                     "peak": round(peak.peak / 2**20),
-                                    "drift": round(rss_end / 2**20 - settled)}
+                                    "drift": round(total(rss_end) - total(settled)),
+                                    "drift_by_process": {name: round(mib - settled.get(name, 0))
+                                                         for name, mib in rss_end.items()}}
     result.update(command=command_line(__spec__.name, argv), machine=machine_info(), args=vars(args))
     write_json(out / "soak.json", result)
     c = result["counts"]
