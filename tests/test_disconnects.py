@@ -1,19 +1,23 @@
 """Client disconnects abort their requests: before any output, mid-stream, and 0.3 s into a
-request carrying a 12-megapixel photo (while it is decoded, preprocessed or just started). After a storm of them under load, /metrics shows
-nothing running or waiting and no KV cache in use, and the good requests sent during the storm
-got the answers they get alone."""
+request carrying a 12-megapixel photo (while it is decoded, preprocessed or just started). After
+a storm of them under load, /metrics shows nothing running or waiting and no KV cache in use, and
+the good requests sent during the storm got the answers they get alone. /metrics has no gauge of
+the encoder cache, so the abort itself is also checked inside the scheduler: encoder-cache
+entries and KV blocks freed."""
 
 from __future__ import annotations
 
 import asyncio
 import io
+import multiprocessing
 import re
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import httpx
 import pytest
 
-from tests.helpers import SIDE, data_url, png_bytes, rand_image, running_server
+from tests.helpers import SIDE, data_url, make_llm, png_bytes, rand_image, running_server, shutdown
 
 MODEL = "ovis"
 LONG = 4000  # tokens a disconnected request would generate if it were not aborted (ignore_eos)
@@ -120,3 +124,73 @@ def test_gauges_see_a_live_request_and_its_disconnect(server):
     live = asyncio.run(hold_then_drop())
     assert live["vllm:num_requests_running"] == 1 and live["vllm:kv_cache_usage_perc"] > 0, live
     assert not any(idle_gauges(server).values())
+
+
+
+def abort_mid_prefill(checkpoint: str) -> dict:
+    """In a process of its own (an in-process engine core binds the process's threads and
+    memory): image requests aborted with an encoder output held mid-prefill. Returns what the
+    scheduler held before and after the abort, and the tokens of a request sent after it."""
+    import os
+
+    from vllm import SamplingParams
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler in this process
+    # A token budget below one image's span: each prefill takes several steps.
+    llm = make_llm(checkpoint, max_num_batched_tokens=64, enable_chunked_prefill=True,
+                   enable_prefix_caching=False, max_num_seqs=8)
+    try:
+        engine = llm.llm_engine
+        scheduler = engine.engine_core.engine_core.scheduler
+        encoder_cache = scheduler.encoder_cache_manager
+
+        def state() -> dict:
+            return {"requests_holding_encoder_outputs": sum(map(bool, encoder_cache.request_cached_ids.values())),
+                    "encoder_entries_referenced": sum(map(bool, encoder_cache.cached.values())),
+                    "encoder_slots_not_freeable": encoder_cache.cache_size - encoder_cache.num_freeable_slots,
+                    "kv_usage": scheduler.kv_cache_manager.usage,
+                    "unfinished": engine.has_unfinished_requests()}
+
+        params = SamplingParams(temperature=0, max_tokens=LONG, ignore_eos=True)
+        for i in range(6):
+            image = rand_image((2 + i % 2) * SIDE, 2 * SIDE, 60 + i)
+            engine.add_request(f"r{i}", image_request(i, image), params)
+        # An image's encoder output stays cached until its prefill has consumed it: step until
+        # one is held, the other requests waiting or part-way.
+        for _ in range(10):
+            engine.step()
+            if any(encoder_cache.request_cached_ids.values()):
+                break
+        before = state()
+        engine.abort_request([f"r{i}" for i in range(6)])
+        after = state()
+        tokens_after = llm.generate([image_request(0)], SamplingParams(temperature=0, max_tokens=8),
+                                    use_tqdm=False)[0].outputs[0].token_ids
+        return {"before": before, "after": after, "tokens_after": list(tokens_after)}
+    finally:
+        shutdown(llm)
+
+
+def image_request(i: int, image=None) -> dict:
+    """An offline request in the Gemma format with one image (by default request 0's)."""
+    return {"prompt": f"<start_of_turn>user\n<image>\nDescribe picture {i} at length.<end_of_turn>\n"
+                      "<start_of_turn>model\n",
+            "multi_modal_data": {"image": rand_image(2 * SIDE, 2 * SIDE, 60) if image is None else image}}
+
+
+def test_abort_frees_encoder_cache_and_kv_blocks(tiny_checkpoint, llm):
+    """What a disconnect does inside the engine (the server aborts the request), looked at in
+    the scheduler itself: image requests aborted while an image's encoder output is cached
+    mid-prefill leave no encoder-cache entry referenced and no KV block in use, and the next
+    request gets the answer it gets alone."""
+    from vllm import SamplingParams
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        seen = pool.submit(abort_mid_prefill, str(tiny_checkpoint)).result(timeout=600)
+    before, after = seen["before"], seen["after"]
+    assert before["requests_holding_encoder_outputs"] >= 1 and before["encoder_slots_not_freeable"] > 0, before
+    assert before["kv_usage"] > 0 and before["unfinished"], before
+    assert after == {"requests_holding_encoder_outputs": 0, "encoder_entries_referenced": 0,
+                     "encoder_slots_not_freeable": 0, "kv_usage": 0.0, "unfinished": False}, after
+    alone = llm.generate([image_request(0)], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    assert seen["tokens_after"] == list(alone[0].outputs[0].token_ids)
