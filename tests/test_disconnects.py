@@ -17,7 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 import httpx
 import pytest
 
-from tests.helpers import SIDE, data_url, make_llm, png_bytes, rand_image, running_server, shutdown
+from tests.helpers import SIDE, chat_prompt, data_url, make_llm, png_bytes, rand_image, running_server, shutdown
 
 MODEL = "ovis"
 LONG = 4000  # tokens a disconnected request would generate if it were not aborted (ignore_eos)
@@ -126,7 +126,6 @@ def test_gauges_see_a_live_request_and_its_disconnect(server):
     assert not any(idle_gauges(server).values())
 
 
-
 def abort_mid_prefill(checkpoint: str) -> dict:
     """In a process of its own (an in-process engine core binds the process's threads and
     memory): image requests aborted with an encoder output held mid-prefill. Returns what the
@@ -153,8 +152,7 @@ def abort_mid_prefill(checkpoint: str) -> dict:
 
         params = SamplingParams(temperature=0, max_tokens=LONG, ignore_eos=True)
         for i in range(6):
-            image = rand_image((2 + i % 2) * SIDE, 2 * SIDE, 60 + i)
-            engine.add_request(f"r{i}", image_request(i, image), params)
+            engine.add_request(f"r{i}", image_request(llm, i), params)
         # An image's encoder output stays cached until its prefill has consumed it: step until
         # one is held, the other requests waiting or part-way.
         for _ in range(10):
@@ -164,18 +162,17 @@ def abort_mid_prefill(checkpoint: str) -> dict:
         before = state()
         engine.abort_request([f"r{i}" for i in range(6)])
         after = state()
-        tokens_after = llm.generate([image_request(0)], SamplingParams(temperature=0, max_tokens=8),
+        tokens_after = llm.generate([image_request(llm, 0)], SamplingParams(temperature=0, max_tokens=8),
                                     use_tqdm=False)[0].outputs[0].token_ids
         return {"before": before, "after": after, "tokens_after": list(tokens_after)}
     finally:
         shutdown(llm)
 
 
-def image_request(i: int, image=None) -> dict:
-    """An offline request in the Gemma format with one image (by default request 0's)."""
-    return {"prompt": f"<start_of_turn>user\n<image>\nDescribe picture {i} at length.<end_of_turn>\n"
-                      "<start_of_turn>model\n",
-            "multi_modal_data": {"image": rand_image(2 * SIDE, 2 * SIDE, 60) if image is None else image}}
+def image_request(llm, i: int) -> dict:
+    """Offline request i: one image (a 2x2 or 3x2 grid) in the checkpoint's chat template."""
+    prompt = chat_prompt(llm.get_tokenizer(), [("user", f"<image>\nDescribe picture {i} at length.")])
+    return {"prompt": prompt, "multi_modal_data": {"image": rand_image((2 + i % 2) * SIDE, 2 * SIDE, 60 + i)}}
 
 
 def test_abort_frees_encoder_cache_and_kv_blocks(tiny_checkpoint, llm):
@@ -192,5 +189,5 @@ def test_abort_frees_encoder_cache_and_kv_blocks(tiny_checkpoint, llm):
     assert before["kv_usage"] > 0 and before["unfinished"], before
     assert after == {"requests_holding_encoder_outputs": 0, "encoder_entries_referenced": 0,
                      "encoder_slots_not_freeable": 0, "kv_usage": 0.0, "unfinished": False}, after
-    alone = llm.generate([image_request(0)], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    alone = llm.generate([image_request(llm, 0)], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
     assert seen["tokens_after"] == list(alone[0].outputs[0].token_ids)

@@ -15,6 +15,17 @@ from tests.conftest import SEED
 from tests.helpers import ROOT, SIDE, png_bytes, rand_image, running_server
 
 
+def vllm_bench_serve(base: str, args: list[str], result_dir, name: str) -> dict:
+    """`python -m benchmarks.vllm_bench serve` against `base`; its saved result (with the
+    generated texts)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.vllm_bench", "serve", "--base-url", base, *args,
+         "--save-result", "--save-detailed", "--result-dir", str(result_dir), "--result-filename", f"{name}.json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((result_dir / f"{name}.json").read_text())
+
+
 def test_vllm_bench_serve_on_our_workload(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("OVIS_IMAGE_SIDE", str(SIDE))
     dataset = tmp_path / "mixed.jsonl"
@@ -22,22 +33,17 @@ def test_vllm_bench_serve_on_our_workload(tiny_checkpoint, tmp_path, monkeypatch
     assert len(dataset.read_text().splitlines()) == 6 and {r["max_tokens"] for r in requests} == {32}
     with running_server(["--model", str(tiny_checkpoint), "--served-model-name", "ovis", "--dtype", "float32"],
                         tmp_path / "server.log") as base:
-        proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.vllm_bench", "serve", "--base-url", base,
-             "--model", "ovis", "--tokenizer", str(tiny_checkpoint), "--backend", "openai-chat",
-             "--endpoint", "/v1/chat/completions", "--dataset-name", "custom_image",
-             "--dataset-path", str(dataset), "--num-prompts", "6", "--disable-shuffle",
-             "--custom-output-len", "32", "--temperature", "0", "--max-concurrency", "3",
-             "--save-result", "--save-detailed", "--result-dir", str(tmp_path),
-             "--result-filename", "bench.json"],
-            cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        bench = vllm_bench_serve(
+            base, ["--model", "ovis", "--tokenizer", str(tiny_checkpoint), "--backend", "openai-chat",
+                   "--endpoint", "/v1/chat/completions", "--dataset-name", "custom_image",
+                   "--dataset-path", str(dataset), "--num-prompts", "6", "--disable-shuffle",
+                   "--custom-output-len", "32", "--temperature", "0", "--max-concurrency", "3"],
+            tmp_path, "bench")
         ours = serve.main(["--url", base, "--model", "ovis", "--concurrency", "3", "--requests", "6",
                            "--repeats", "1", "--out", str(tmp_path / "serve")])
         client = openai.OpenAI(base_url=base + "/v1", api_key="none")
         alone = [client.chat.completions.create(model="ovis", temperature=0, **r).choices[0].message.content
                  for r in requests]
-    bench = json.loads((tmp_path / "bench.json").read_text())
     assert bench["completed"] == 6 and bench["failed"] == 0, bench.get("errors")
     assert bench["generated_texts"] == alone  # vLLM's client sent exactly our requests
     (row,) = ours["rows"]
@@ -69,8 +75,7 @@ def test_vllm_bench_random_mm_and_hf_datasets(tmp_path):
     images = [rand_image(SIDE * (1 + i % 3), SIDE * (1 + i // 2), 70 + i) for i in range(4)]
     visionarena_dataset(tmp_path / "visionarena", questions, images)
     common = ["--model", "ovis", "--tokenizer", str(checkpoint), "--backend", "openai-chat",
-              "--endpoint", "/v1/chat/completions", "--max-concurrency", "4", "--save-result",
-              "--save-detailed", "--result-dir", str(tmp_path)]
+              "--endpoint", "/v1/chat/completions", "--max-concurrency", "4"]
     datasets = {
         "random-mm": ["--dataset-name", "random-mm", "--num-prompts", "12", "--random-input-len", "48",
                       "--random-output-len", "8", "--ignore-eos", "--random-mm-base-items-per-request", "1",
@@ -82,13 +87,7 @@ def test_vllm_bench_random_mm_and_hf_datasets(tmp_path):
     }
     with running_server(["--model", str(checkpoint), "--served-model-name", "ovis", "--dtype", "float32"],
                         tmp_path / "server.log") as base:
-        results = {}
-        for name, args in datasets.items():
-            proc = subprocess.run([sys.executable, "-m", "benchmarks.vllm_bench", "serve", "--base-url", base,
-                                   *common, *args, "--result-filename", f"{name}.json"],
-                                  cwd=ROOT, capture_output=True, text=True, timeout=300)
-            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-            results[name] = json.loads((tmp_path / f"{name}.json").read_text())
+        results = {name: vllm_bench_serve(base, common + args, tmp_path, name) for name, args in datasets.items()}
         client = openai.OpenAI(base_url=base + "/v1", api_key="none")
         alone = [client.chat.completions.create(
             model="ovis", temperature=0, max_completion_tokens=8,
