@@ -12,6 +12,9 @@ defaults fill in only what was not given:
   prompt when a request has none);
 - `--max-model-len`: the checkpoint's `multimodal_max_length` when the LLM allows more (the
   reference never sees longer sequences); logged;
+- a checkpoint vLLM's CPU backend cannot run on this CPU (GPTQ without AVX-512) is refused at
+  start with the reason (engine/cpu_support.py), where vLLM alone fails at the first request;
+  bf16 on a CPU without AVX-512 is served, with a warning that --dtype float32 is ~200x faster;
 - `--limit-mm-per-prompt {"image": 8}`;
 - on a machine without CUDA: `--gpu-memory-utilization 0.5` and VLLM_CPU_KVCACHE_SPACE=4 (GiB);
 - images from `image_url` parts are decoded as the reference sees them and fetched under a URL
@@ -187,12 +190,40 @@ def load_checkpoint_config(argv: list[str]):
         return None
 
 
+def slow_bf16_warning(argv: list[str], config) -> str | None:
+    """A warning where the model will run in bf16 on a CPU whose oneDNN has no bf16 matmul (x86
+    without AVX-512): vLLM's layers and ours then fall back to torch's bf16 GEMM, about 200x
+    slower than fp32 there (benchmarks/RESULTS.md). vLLM resolves `--dtype auto` to bf16 on CPU
+    for bf16 and fp32 checkpoints alike. The dtype stays the user's (fp32 doubles the weights'
+    memory); the warning says what to pass."""
+    import torch
+
+    from kernels.cpu import onednn_unavailable
+
+    if _has_cuda():
+        return None
+    dtype = _value(argv, "--dtype") or "auto"
+    checkpoint_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    in_bf16 = dtype == "bfloat16" or (dtype == "auto" and checkpoint_dtype in (torch.bfloat16, torch.float32, None))
+    why = onednn_unavailable(torch.bfloat16)
+    if not in_bf16 or why is None:
+        return None
+    return (f"serving in bf16 on a CPU where {why}: vLLM's Linear layers and the Ovis visual "
+            f"embedding run torch's bf16 GEMM, about 200x slower than fp32 on such a CPU. Pass "
+            f"--dtype float32 to serve at speed (the weights take twice the memory)")
+
+
 def _checkpoint_defaults(argv: list[str], system_prompt: str) -> list[str]:
     """Chat template and max model length from the served checkpoint's member row."""
     from engine import OVIS_ARCHITECTURE
+    from engine.cpu_support import cpu_cannot_serve
     from engine.members import member_of
 
     config = load_checkpoint_config(argv)
+    if config is not None and (reason := cpu_cannot_serve(config)):
+        raise SystemExit(reason)
+    if config is not None and (warning := slow_bf16_warning(argv, config)):
+        logger.warning(warning)
     member = member_of(config) if config is not None and \
         OVIS_ARCHITECTURE in (getattr(config, "architectures", None) or []) else None
     if member is None:

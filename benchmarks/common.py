@@ -47,14 +47,19 @@ def machine_info() -> dict:
     if "torch" in sys.modules:  # only a script that already uses torch asks it about threads and GPUs
         torch = sys.modules["torch"]
         info["torch_threads"] = torch.get_num_threads()
+        from kernels.cpu import cpu_features
+
+        info["cpu_features"] = cpu_features()
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name()
     return info
 
 
 def machine_name(info: dict) -> str:
-    """The GPU where there is one, else the CPU: what a chart title names."""
-    return info.get("gpu") or info["cpu"]
+    """The GPU where there is one, else the CPU and its features: what a chart title names."""
+    if "gpu" in info:
+        return info["gpu"]
+    return info["cpu"] + (f" ({info['cpu_features']})" if "cpu_features" in info else "")
 
 
 def out_dir(path: str | Path | None, default: str = "") -> Path:

@@ -3,12 +3,14 @@
 Methods, all in one run on the same inputs:
   unfused  vLLM 0.32's built-in way (full LN, softmax and padded copies, then one matmul)
   chunked  our exact CPU path (row chunks within --chunk-mb MiB)
-  packed   the same with the VTE packed once for oneDNN (kernels.PackedMatrix), as served on CPU;
-           packing is done before timing, like weight loading, and replaces the VTE copy
+  packed   the same with the VTE packed once for oneDNN (kernels.PackedMatrix), as served on a CPU
+           where vLLM's oneDNN takes the dtype (kernels.onednn_unavailable: not bf16 without
+           AVX-512, where `chunked` is what serves); packing is done before timing, like weight
+           loading, and replaces the VTE copy
   triton   our fused kernels (CUDA only)
   gemm     a plain torch.matmul of the same [N, Vh] x [Vh, D] product in the same dtype: the floor
            (lower bound on time) for unpacked weights
-For each: median wall time, TFLOP/s (nominal 2*N*V*D for every method, so the figures compare
+The method this machine serves with is marked `served`. For each: median wall time, TFLOP/s (nominal 2*N*V*D for every method, so the figures compare
 directly), fraction of the GEMM floor (t_gemm / t), peak extra memory during one call (including
 the [N, D] output; the inputs exist before), and the relative difference to the unfused result.
 
@@ -120,6 +122,12 @@ def methods_for(device: torch.device, args, chunk_mb: float):
     return m
 
 
+def served_method(methods: dict, device: torch.device) -> str:
+    """What the model runs here by default (impl "auto"): Triton on CUDA, else packed where
+    this CPU packs the dtype, else chunked."""
+    return "triton" if device.type == "cuda" else "packed" if "packed" in methods else "chunked"
+
+
 def run_case(n, dtype_name, device, repeats, warmup, progress, chunk_mb=kernels.DEFAULT_CHUNK_MB, v=V, d=D):
     """Every method on the same inputs; one row per method. v and d default to Ovis1.6's sizes."""
     args = make_inputs(n, DTYPES[dtype_name], device, v=v, d=d)
@@ -143,6 +151,8 @@ def run_case(n, dtype_name, device, repeats, warmup, progress, chunk_mb=kernels.
         rows.append(dict(n=n, dtype=dtype_name, method=name, median_s=med, times_s=times[name],
                          tflops=flops / med / 1e12, peak_extra_mb=peak))
         progress.update(1)
+    for r in rows:
+        r["served"] = r["method"] == served_method(methods, device)
     ref = outputs["unfused"]
     gemm_t = next(r["median_s"] for r in rows if r["method"] == "gemm")
     base = next(r for r in rows if r["method"] == "unfused")
@@ -187,8 +197,9 @@ def markdown_table(rows) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         diff = r.get("rel_diff_vs_unfused")
+        method = f"**{r['method']}** (served)" if r.get("served") else r["method"]
         lines.append(
-            f"| {r['n']} | {r['dtype']} | {r['method']} | {r['median_s'] * 1e3:.1f} ms "
+            f"| {r['n']} | {r['dtype']} | {method} | {r['median_s'] * 1e3:.1f} ms "
             f"| {r['tflops']:.3f} | {r['frac_of_gemm']:.2f} | {r['peak_extra_mb']:.0f} "
             f"| {r['time_vs_unfused']:.2f}x | {r['mem_vs_unfused']:.3f} "
             f"| {'' if diff is None else f'{diff:.1e}'} |")
@@ -247,10 +258,11 @@ def main(argv: list[str] | None = None) -> dict:
     out = out_dir(a.out)
 
     from tqdm import tqdm
-    # unfused, chunked, gemm + triton (CUDA) or packed (CPU with vLLM's oneDNN ops)
-    n_methods = 4 if device.type == "cuda" or kernels.PackedMatrix.supported(torch.zeros(1, 1)) else 3
+    # unfused, chunked, gemm + triton (CUDA) or packed (CPU, where oneDNN takes the dtype)
+    n_methods = sum(4 if device.type == "cuda" or kernels.onednn_unavailable(DTYPES[dt]) is None else 3
+                    for dt in dtypes)
     rows = []
-    with tqdm(total=len(sizes) * len(dtypes) * n_methods, desc="visual_embed") as progress:
+    with tqdm(total=len(sizes) * n_methods, desc="visual_embed") as progress:
         for dtype_name in dtypes:
             for n in sizes:
                 rows += run_case(n, dtype_name, device, repeats, a.warmup, progress, a.chunk_mb)

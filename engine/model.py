@@ -45,10 +45,12 @@ from kernels import (
     DEFAULT_CHUNK_MB,
     PackedMatrix,
     check_impl,
+    onednn_unavailable,
     visual_embedding,
     vocab_parallel_visual_embedding,
 )
 
+from .cpu_support import cpu_cannot_serve
 from .members import builtin_fallback_message, member_of
 from .placeholders import IMAGE_ATOM, IMAGE_TOKEN, NUM_INDICATORS, image_layout, indicator_vte_row
 from .processor import dummy_inputs_for, processing_info_for, processor_for
@@ -234,6 +236,8 @@ class Ovis(nn.Module, SupportsMultiModal, SupportsPP):
         config = vllm_config.model_config.hf_config
         self.config = config
         member = member_of(config)
+        if reason := cpu_cannot_serve(config):
+            raise ValueError(reason)
         # Gemma2 multiplies the whole merged input sequence by sqrt(hidden_size) in the reference;
         # vLLM's Gemma2 does it only inside its token lookup, so visual rows get it here.
         self.visual_scale = config.hidden_size**0.5 if member.scales_visual_embeddings else None
@@ -326,4 +330,26 @@ class Ovis(nn.Module, SupportsMultiModal, SupportsPP):
         self.visual_tokenizer.head[0].pack_for_cpu()
         if self.tp_size == 1 and self.visual_embed_impl in ("auto", "chunked"):
             self.vte.pack_for_cpu()
+        if self.tp_rank == 0:
+            logger.info("Ovis visual embedding: %s", self.visual_embedding_paths())
         return loaded
+
+    def visual_embedding_paths(self) -> str:
+        """Which visual-embedding path and GEMMs this model runs, and why (logged at load)."""
+        dtype, device = self.vte.indicators.dtype, self.vte.indicators.device
+        impl = self.visual_embed_impl
+        if impl == "unfused":
+            path = "vLLM's unfused way (ovis_visual_embed=unfused)"
+        elif self.tp_size > 1:
+            path = f"vocabulary-parallel over {self.tp_size} ranks"
+        elif impl == "triton" or (impl == "auto" and device.type == "cuda"):
+            path = "fused Triton kernels"
+        else:
+            path = "chunked CPU path"
+        if device.type != "cpu":
+            return f"{path}, {dtype}"
+        head_gemm = "oneDNN, packed" if self.visual_tokenizer.head[0].packed is not None else "torch"
+        vte_gemm = "oneDNN, packed" if self.vte.packed is not None else "torch"
+        why = onednn_unavailable(dtype)
+        return (f"{path}, {dtype}; head GEMM on {head_gemm}, VTE product on {vte_gemm}"
+                + (f" ({why})" if why else ""))

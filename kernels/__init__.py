@@ -17,6 +17,8 @@ from kernels.cpu import (
     DEFAULT_CHUNK_MB,
     PackedMatrix,
     chunk_rows,
+    cpu_features,
+    onednn_unavailable,
     visual_embedding_chunked,
     visual_embedding_unfused,
 )
@@ -32,6 +34,8 @@ __all__ = [
     "PackedMatrix",
     "check_impl",
     "chunk_rows",
+    "cpu_features",
+    "onednn_unavailable",
     "visual_embedding",
     "visual_embedding_chunked",
     "visual_embedding_triton",

@@ -5,8 +5,10 @@ and vLLM's built-in (unfused) way it is compared with.
 row chunks sized from a memory budget (one [rows, Vh] tensor at a time), multiplying by VTE[:Vh]
 so the zero padding is never built; results match the unfused path up to matmul rounding.
 Serving packs the VTE rows once (`PackedMatrix`, oneDNN) and each chunk's product runs on the
-pre-laid-out table (faster than torch.matmul: benchmarks/RESULTS.md).
+pre-laid-out table (faster than torch.matmul: benchmarks/RESULTS.md), wherever vLLM's own Linear
+layers would get oneDNN for that dtype on this CPU (`onednn_unavailable`); elsewhere torch.matmul.
 """
+import functools
 from typing import Optional
 
 import torch
@@ -62,6 +64,44 @@ def visual_embedding_chunked(logits: Tensor, ln_weight: Tensor, ln_bias: Tensor,
     return out
 
 
+def cpu_features() -> str:
+    """The vector/matrix features of this CPU that the CPU paths depend on, as torch sees them:
+    "AVX2 yes, AVX-512 no, AVX-512-BF16 no, AMX no"."""
+    features = {"AVX2": torch.cpu._is_avx2_supported(), "AVX-512": torch.cpu._is_avx512_supported(),
+                "AVX-512-BF16": torch.cpu._is_avx512_bf16_supported(),
+                "AMX": torch.cpu._is_amx_tile_supported()}
+    return ", ".join(f"{name} {'yes' if has else 'no'}" for name, has in features.items())
+
+
+@functools.cache
+def onednn_unavailable(dtype: torch.dtype) -> Optional[str]:
+    """None where vLLM's oneDNN GEMM takes a `dtype` weight on this CPU, else why it does not.
+
+    The conditions are vLLM's own for its Linear layers (dispatch_cpu_unquantized_gemm in
+    vllm/model_executor/layers/utils.py): its CPU ops built with oneDNN, not a POWER CPU, and
+    oneDNN creating the matmul primitive (vLLM tries, and on RuntimeError uses torch's linear).
+    oneDNN cannot create a bf16 matmul on an x86 CPU without AVX-512, so there bf16 runs on
+    torch, as vLLM's layers do. Asked once per dtype, with a small matrix. fp16 is never packed.
+    """
+    if dtype not in (torch.bfloat16, torch.float32):
+        return f"{dtype} weights are not packed (bf16 and fp32 are)"
+    try:
+        from vllm import _custom_ops as ops
+        from vllm.platforms import CpuArchEnum, current_platform
+    except ImportError:
+        return "vLLM's CPU ops are not installed"
+    if not getattr(ops, "_supports_onednn", False):
+        return "vLLM's CPU ops were built without oneDNN"
+    if current_platform.get_cpu_architecture() == CpuArchEnum.POWERPC:
+        return "vLLM does not use oneDNN's GEMM on POWER"
+    try:
+        ops.create_onednn_mm(torch.zeros(32, 32, dtype=dtype), 32)
+    except RuntimeError as error:
+        first_line = str(error).split(". ")[0]
+        return f"oneDNN has no {dtype} matmul on this CPU ({cpu_features()}): {first_line}"
+    return None
+
+
 class PackedMatrix:
     """A constant matrix B [K, N], laid out once for oneDNN's CPU matmul: `a @ B` without
     re-packing B on every call.
@@ -70,7 +110,7 @@ class PackedMatrix:
     dispatch_cpu_unquantized_gemm); vLLM's built-in Ovis gets it for its head Linear but not for
     its VTE product. bf16 results are bit-identical to torch's (fp32 ones differ in summation
     order only); timings are in benchmarks/RESULTS.md. The packed copy is separate from B: drop
-    B after.
+    B after. Only where `supported` (on this CPU, in this dtype).
     """
 
     def __init__(self, b: Tensor):
@@ -83,14 +123,9 @@ class PackedMatrix:
 
     @staticmethod
     def supported(b: Tensor) -> bool:
-        """oneDNN packing is available for this matrix: CPU, bf16 or fp32, vLLM's CPU ops."""
-        if b.device.type != "cpu" or b.dtype not in (torch.bfloat16, torch.float32) or b.dim() != 2:
-            return False
-        try:
-            from vllm import _custom_ops as ops
-        except ImportError:
-            return False
-        return bool(getattr(ops, "_supports_onednn", False))
+        """This matrix can be packed: a 2-D CPU tensor of a dtype vLLM's oneDNN GEMM takes on
+        this CPU (`onednn_unavailable`)."""
+        return b.device.type == "cpu" and b.dim() == 2 and onednn_unavailable(b.dtype) is None
 
     def matmul(self, a: Tensor, out: Optional[Tensor] = None) -> Tensor:
         """a [..., K] (any dtype, cast to B's) @ B -> [..., N]; `out` a contiguous [M, N]."""

@@ -18,7 +18,12 @@ SEED = int(os.environ.get("OVIS_TEST_SEED", random.randrange(1 << 30)))
 
 
 def pytest_report_header(config):
-    return f"ovis checkpoint seed: {SEED} (reproduce with OVIS_TEST_SEED={SEED})"
+    from benchmarks.common import cpu_model
+    from kernels.cpu import cpu_features
+
+    # What the CPU paths were chosen by (kernels/cpu.py): a run says which machine it covers.
+    return [f"ovis checkpoint seed: {SEED} (reproduce with OVIS_TEST_SEED={SEED})",
+            f"cpu: {cpu_model()}: {cpu_features()}"]
 
 
 @pytest.fixture(scope="session")

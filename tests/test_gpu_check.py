@@ -153,6 +153,21 @@ def test_gemm_floor_on_cpu():
     assert "| 8 | fp32 | gemm |" in visual_embed.markdown_table(rows)
 
 
+@pytest.mark.parametrize("dtype_name", ["bf16", "fp32"])
+def test_kernel_benchmark_marks_the_path_this_cpu_serves(dtype_name):
+    """Every dtype runs on any CPU (bf16 on AVX2 died at packing); `served` is the packed method
+    where vLLM's oneDNN takes the dtype here, else the chunked one."""
+    from tqdm import tqdm
+
+    v, d = 64 + visual_embed.kernels.NUM_INDICATORS, 16
+    with tqdm(disable=True) as progress:
+        rows = visual_embed.run_case(8, dtype_name, torch.device("cpu"), 1, 1, progress, v=v, d=d)
+    why = visual_embed.kernels.onednn_unavailable(visual_embed.DTYPES[dtype_name])
+    assert [r["method"] for r in rows if r["served"]] == ["chunked" if why else "packed"]
+    assert ("packed" in {r["method"] for r in rows}) == (why is None)
+    assert "(served)" in visual_embed.markdown_table(rows)
+
+
 def test_the_cuda_tests_step_selects_the_cuda_tests():
     """`-k cuda` in the plan picks exactly the tests that skip without CUDA, and some."""
     tests = next(s for s in gpu_check.plan() if s["name"] == "CUDA tests")

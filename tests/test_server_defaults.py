@@ -42,6 +42,30 @@ def test_gemma_defaults(tiny_checkpoint):
     assert _value(merged, "--chat-template") == GEMMA_SYSTEM_MERGE_CHAT_TEMPLATE
 
 
+def test_slow_bf16_is_warned_about_on_cpus_without_onednn_bf16(tiny_checkpoint, monkeypatch, caplog):
+    """bf16 (given, or `auto`, which vLLM resolves to bf16 on CPU for this fp32 checkpoint) on
+    a CPU where oneDNN has no bf16 matmul: one warning naming --dtype float32; the dtype stays
+    the user's. fp32, or a CPU with oneDNN bf16: no warning."""
+    import torch
+
+    import kernels.cpu
+    import server
+
+    if torch.cuda.is_available():
+        pytest.skip("a CPU-platform warning")
+    monkeypatch.setattr(kernels.cpu, "onednn_unavailable", lambda dtype: "patched: no bf16 matmul")
+    for dtype_args, warned in [([], True), (["--dtype", "bfloat16"], True), (["--dtype", "float32"], False)]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="ovis.server"):
+            argv = build_argv(["--model", str(tiny_checkpoint), *dtype_args])
+        assert argv.count("--dtype") == len(dtype_args) // 2
+        assert ("Pass --dtype float32" in caplog.text) == warned, (dtype_args, caplog.text)
+        assert ("patched: no bf16 matmul" in caplog.text) == warned
+    monkeypatch.setattr(kernels.cpu, "onednn_unavailable", lambda dtype: None)
+    assert server.slow_bf16_warning(["--model", str(tiny_checkpoint)], server.load_checkpoint_config(
+        ["--model", str(tiny_checkpoint)])) is None
+
+
 def test_llama_defaults(llama_checkpoint):
     argv = build_argv(["--model", str(llama_checkpoint)])
     assert _value(argv, "--chat-template") == LLAMA3_CHAT_TEMPLATE

