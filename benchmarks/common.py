@@ -47,7 +47,7 @@ def machine_info() -> dict:
     if "torch" in sys.modules:  # only a script that already uses torch asks it about threads and GPUs
         torch = sys.modules["torch"]
         info["torch_threads"] = torch.get_num_threads()
-        from kernels.cpu import cpu_features
+        from ovis_vllm.kernels.cpu import cpu_features
 
         info["cpu_features"] = cpu_features()
         if torch.cuda.is_available():

@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from vllm.multimodal.media.image import ImageMediaIO
 
-    from engine.media import ReferenceImageMediaIO
-    from engine.preprocess import preprocess_image
+    from ovis_vllm.engine.media import ReferenceImageMediaIO
+    from ovis_vllm.engine.preprocess import preprocess_image
 
     ours_io, builtin_io = ReferenceImageMediaIO(image_mode=None), ImageMediaIO(image_mode="RGB")
     builtin = builtin_preprocessor(args.side)

@@ -73,7 +73,7 @@ def reference_resizes(image, side: int) -> None:
     thread can reach."""
     from PIL import Image
 
-    from engine.preprocess import _resized_size, choose_grid, crop_boxes
+    from ovis_vllm.engine.preprocess import _resized_size, choose_grid, crop_boxes
 
     boxes = crop_boxes(*image.size, choose_grid(*image.size, side))
     for box in ([None] + boxes) if len(boxes) > 1 else boxes:
@@ -91,7 +91,7 @@ def child(threads: str, rounds: int, images_per_case: int, result_path: str) -> 
     import torch
     from PIL import Image
     from tqdm import tqdm
-    from engine.preprocess import choose_grid, preprocess_image
+    from ovis_vllm.engine.preprocess import choose_grid, preprocess_image
 
     if threads == "1":
         torch.set_num_threads(1)

@@ -14,8 +14,8 @@ import argparse
 import torch
 
 from benchmarks.common import out_dir, write_json
-from engine.model import ShardedHeadLinear, ShardedLayerNorm, ShardedVTE, VocabShard
-from engine.placeholders import NUM_INDICATORS
+from ovis_vllm.engine.model import ShardedHeadLinear, ShardedLayerNorm, ShardedVTE, VocabShard
+from ovis_vllm.engine.placeholders import NUM_INDICATORS
 
 VISUAL_VOCAB, HIDDEN, HEAD_IN = 65536, 3584, 1152 * 4
 TOKENS_9_CROPS = 1960  # one 9-crop image: 10 crops x 196 visual tokens

@@ -33,7 +33,7 @@ import time
 
 import torch
 
-import kernels
+from ovis_vllm import kernels
 from benchmarks.common import command_line, machine_info, machine_name, out_dir, pyplot, save_chart, write_json
 
 V, D, EPS = 65536, 3584, 1e-6

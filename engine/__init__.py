@@ -8,10 +8,12 @@ records lazy `module:class` paths, so calling it again is harmless. It registers
   reference's way and behaves exactly as vLLM's for every other model;
 - our media connector for `image_url` inputs (VLLM_MEDIA_CONNECTOR=ovis, unless set).
 To run vLLM's built-in Ovis instead (for comparisons), start vLLM with `VLLM_PLUGINS=none`.
+Each process logs once that the plugin is active, with its version and the vLLM it supports
+(and a warning where another vLLM is installed).
 """
 
 OVIS_ARCHITECTURE = "Ovis"
-OVIS_MODEL_PATH = "engine.model:Ovis"
+OVIS_MODEL_PATH = "ovis_vllm.engine.model:Ovis"
 
 
 def register() -> None:
@@ -24,5 +26,27 @@ def register() -> None:
     os.environ.setdefault("VLLM_MEDIA_CONNECTOR", "ovis")
     ModelRegistry.register_model(OVIS_ARCHITECTURE, OVIS_MODEL_PATH)
     # Set directly: RendererRegistry.register() would log an "overwritten" warning per process.
-    RENDERER_REGISTRY.renderers["hf"] = ("engine.renderer", "OvisHfRenderer")
+    RENDERER_REGISTRY.renderers["hf"] = ("ovis_vllm.engine.renderer", "OvisHfRenderer")
     from . import media  # noqa: F401  registers the "ovis" media connector (VLLM_MEDIA_CONNECTOR=ovis)
+    _log_active_once()
+
+
+_logged = False
+
+
+def _log_active_once() -> None:
+    global _logged
+    if _logged:
+        return
+    _logged = True
+    import vllm
+    from vllm.logger import init_logger
+
+    from ovis_vllm import SUPPORTED_VLLM_VERSION, __version__, vllm_version_problem
+
+    logger = init_logger(__name__)
+    logger.info("ovis-vllm %s plugin active (made for vLLM %s; vLLM %s installed): the %r "
+                "architecture is served by %s", __version__, SUPPORTED_VLLM_VERSION, vllm.__version__,
+                OVIS_ARCHITECTURE, OVIS_MODEL_PATH)
+    if problem := vllm_version_problem():
+        logger.warning(problem)

@@ -7,7 +7,7 @@ instead, naming the reason (server.py and the model both ask here).
 """
 from __future__ import annotations
 
-from kernels.cpu import cpu_features
+from ovis_vllm.kernels.cpu import cpu_features
 
 # Quantization methods whose vLLM CPU layers need `cpu_gemm_wna16`.
 WNA16_METHODS = ("gptq",)

@@ -41,7 +41,7 @@ from vllm.model_executor.models.utils import AutoWeightsLoader, init_vllm_regist
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
-from kernels import (
+from ovis_vllm.kernels import (
     DEFAULT_CHUNK_MB,
     PackedMatrix,
     check_impl,

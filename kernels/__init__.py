@@ -13,7 +13,7 @@ copy) before one dense matmul; none of the paths here does.
     inputs.py          what every path accepts
     reference.py       the float64 reference (tests and benchmarks)
 """
-from kernels.cpu import (
+from ovis_vllm.kernels.cpu import (
     DEFAULT_CHUNK_MB,
     PackedMatrix,
     chunk_rows,
@@ -22,10 +22,10 @@ from kernels.cpu import (
     visual_embedding_chunked,
     visual_embedding_unfused,
 )
-from kernels.inputs import NUM_INDICATORS
-from kernels.op import IMPLEMENTATIONS, check_impl, visual_embedding
-from kernels.triton_kernels import visual_embedding_triton
-from kernels.vocab_parallel import vocab_parallel_visual_embedding
+from ovis_vllm.kernels.inputs import NUM_INDICATORS
+from ovis_vllm.kernels.op import IMPLEMENTATIONS, check_impl, visual_embedding
+from ovis_vllm.kernels.triton_kernels import visual_embedding_triton
+from ovis_vllm.kernels.vocab_parallel import vocab_parallel_visual_embedding
 
 __all__ = [
     "DEFAULT_CHUNK_MB",

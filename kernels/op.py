@@ -10,14 +10,14 @@ vLLM's --additional-config once, when the model is built).
 import torch
 from torch import Tensor
 
-from kernels.cpu import (
+from ovis_vllm.kernels.cpu import (
     DEFAULT_CHUNK_MB,
     PackedMatrix,
     visual_embedding_chunked,
     visual_embedding_unfused,
 )
-from kernels.inputs import check_inputs
-from kernels.triton_kernels import visual_embedding_triton
+from ovis_vllm.kernels.inputs import check_inputs
+from ovis_vllm.kernels.triton_kernels import visual_embedding_triton
 
 IMPLEMENTATIONS = ("auto", "triton", "chunked", "unfused")
 

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kernels.inputs import check_inputs
+from ovis_vllm.kernels.inputs import check_inputs
 
 try:
     import triton

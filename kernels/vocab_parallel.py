@@ -17,8 +17,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from kernels import triton_kernels
-from kernels.cpu import DEFAULT_CHUNK_MB, chunk_rows
+from ovis_vllm.kernels import triton_kernels
+from ovis_vllm.kernels.cpu import DEFAULT_CHUNK_MB, chunk_rows
 
 
 def vocab_parallel_visual_embedding(

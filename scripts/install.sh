@@ -26,5 +26,5 @@ if [ "$BUILD" = cpu ]; then
   # PIL image processors without them.
   .venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
 fi
-.venv/bin/python -c "import vllm, engine, kernels; print('installed vLLM', vllm.__version__, '($BUILD build)')"
+.venv/bin/python -c "import vllm, ovis_vllm.engine, ovis_vllm.kernels; print('installed vLLM', vllm.__version__, '($BUILD build)')"
 echo "$WANT" > "$STAMP"

@@ -19,7 +19,7 @@ SEED = int(os.environ.get("OVIS_TEST_SEED", random.randrange(1 << 30)))
 
 def pytest_report_header(config):
     from benchmarks.common import cpu_model
-    from kernels.cpu import cpu_features
+    from ovis_vllm.kernels.cpu import cpu_features
 
     # What the CPU paths were chosen by (kernels/cpu.py): a run says which machine it covers.
     return [f"ovis checkpoint seed: {SEED} (reproduce with OVIS_TEST_SEED={SEED})",
@@ -28,7 +28,7 @@ def pytest_report_header(config):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
-    from engine.checkpoint import write_checkpoint
+    from ovis_vllm.engine.checkpoint import write_checkpoint
 
     return write_checkpoint(tmp_path_factory.mktemp("ovis-tiny"), "tiny", seed=SEED)
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from engine.checkpoint import PRESETS, _tensor_shapes, gptq_pack, main, ovis_config, write_checkpoint
-from engine.members import member_of
+from ovis_vllm.engine.checkpoint import PRESETS, _tensor_shapes, gptq_pack, main, ovis_config, write_checkpoint
+from ovis_vllm.engine.members import member_of
 from tests.ovis_reference import ReferenceOvis, dequantize_gptq
 
 # AIDC-AI's files, verbatim (the same preprocessor_config.json in every Ovis1.6 release; the
@@ -160,7 +160,7 @@ def test_published_files_verbatim(tmp_path):
     assert (wide / "preprocessor_config.json").read_text() == PUBLISHED_PREPROCESSOR_CONFIG
     gptq = write_checkpoint(tmp_path / "gptq", "ovis1.6-gemma2-9b-gptq-int4")
     assert (gptq / "quantize_config.json").read_text() == PUBLISHED_QUANTIZE_CONFIG
-    from engine.checkpoint import preprocessor_config
+    from ovis_vllm.engine.checkpoint import preprocessor_config
 
     ovis2 = json.dumps(preprocessor_config(PRESETS["ovis2-wide"]), indent=2, sort_keys=True) + "\n"
     assert ovis2 == PUBLISHED_OVIS2_PREPROCESSOR_CONFIG
@@ -236,7 +236,7 @@ def test_tiny_tokenizer_gives_the_same_ids_as_before(ckpt):
     the renderer) and the reference's chunked tokenization agree, marker aside."""
     from transformers import AutoTokenizer
 
-    from engine.renderer import reference_token_ids
+    from ovis_vllm.engine.renderer import reference_token_ids
 
     text = ("<bos><start_of_turn>user\nImage 1:<image>Describe the image.<image><image>\n"
             "Compare the two images.<end_of_turn>\n<start_of_turn>model\n")

@@ -19,8 +19,7 @@ import sys
 import pytest
 import torch
 
-import kernels
-import kernels.cpu
+from ovis_vllm import kernels
 from tests.conftest import SEED
 from tests.helpers import (
     BF16_LOGPROB_ATOL,
@@ -74,7 +73,7 @@ def test_avx2_isa_limit_leaves_bf16_to_torch():
 def test_unpacked_fallback_computes_the_same(monkeypatch):
     """With the capability check answering no, the head and VTE keep their tensors and give
     what the packed path gives (fp32: packed and torch GEMMs differ in summation order only)."""
-    from engine.model import ShardedHeadLinear, ShardedVTE, VocabShard
+    from ovis_vllm.engine.model import ShardedHeadLinear, ShardedVTE, VocabShard
 
     g = torch.Generator().manual_seed(SEED)
     vocab, features, hidden = 301, 48, 40
@@ -108,7 +107,7 @@ def test_unpacked_fallback_computes_the_same(monkeypatch):
 def engine_paths(model):  # module level: pickled to the worker
     import torch
 
-    from kernels import onednn_unavailable
+    from ovis_vllm.kernels import onednn_unavailable
 
     head, vte = model.visual_tokenizer.head[0], model.vte
     return (head.packed is not None, vte.packed is not None,

@@ -145,7 +145,7 @@ def test_cpu_engine_packs_head_and_vte_for_onednn(llm):
     copies are freed (else the packing would cost ~1 GiB at real widths)."""
     import torch
 
-    from kernels import PackedMatrix
+    from ovis_vllm.kernels import PackedMatrix
 
     if torch.cuda.is_available() or not PackedMatrix.supported(torch.zeros(1, 1)):
         pytest.skip("packing is the CPU path with vLLM's oneDNN ops")
@@ -160,7 +160,7 @@ def test_cpu_engine_packs_head_and_vte_for_onednn(llm):
 def test_visual_embed_options_are_checked_at_start_up(extra, message):
     from types import SimpleNamespace
 
-    from engine.model import visual_embed_options
+    from ovis_vllm.engine.model import visual_embed_options
 
     assert visual_embed_options(SimpleNamespace(additional_config={})) == ("auto", 64.0)
     assert visual_embed_options(SimpleNamespace(additional_config={

@@ -15,8 +15,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from engine.cpu_support import cpu_cannot_serve
-from engine.members import member_of
+from ovis_vllm.engine.cpu_support import cpu_cannot_serve
+from ovis_vllm.engine.members import member_of
 from tests.conftest import SEED
 from tests.helpers import (
     BF16_LOGPROB_ATOL,
@@ -34,7 +34,7 @@ from tests.ovis_reference import ReferenceOvis
 @pytest.fixture(scope="module", params=["ovis1.6-gemma2-9b-gptq-int4", "ovis1.6-llama3.2-3b-gptq-int4",
                                         "ovis2-8b-gptq-int4"])
 def gptq(request, tmp_path_factory):
-    from engine.checkpoint import write_checkpoint
+    from ovis_vllm.engine.checkpoint import write_checkpoint
 
     path = write_checkpoint(tmp_path_factory.mktemp(request.param), request.param, seed=SEED)
     if reason := cpu_cannot_serve(SimpleNamespace(**json.loads((path / "config.json").read_text()))):
@@ -78,13 +78,13 @@ def test_gptq_refused_where_vllm_has_no_kernel(tmp_path, monkeypatch):
     cpu_gemm_wna16), server.py stops at start with the reason; a float checkpoint still starts."""
     import torch
 
-    import engine.cpu_support
-    import server
-    from engine.checkpoint import write_checkpoint
+    from ovis_vllm import server
+    from ovis_vllm.engine import cpu_support
+    from ovis_vllm.engine.checkpoint import write_checkpoint
 
     if torch.cuda.is_available():
         pytest.skip("the refusal is for vLLM's CPU platform")
-    monkeypatch.setattr(engine.cpu_support, "wna16_kernel_available", lambda: False)
+    monkeypatch.setattr(cpu_support, "wna16_kernel_available", lambda: False)
     path = write_checkpoint(tmp_path / "gptq", "ovis1.6-llama3.2-3b-gptq-int4", seed=SEED)
     with pytest.raises(SystemExit, match="GPTQ checkpoint cannot be served on this CPU .*cpu_gemm_wna16"):
         server.build_argv(["--model", str(path)])

@@ -13,7 +13,7 @@ import urllib.parse
 
 import pytest
 
-from engine import media
+from ovis_vllm.engine import media
 from tests.helpers import png_bytes, rand_image
 
 IMAGE = png_bytes(rand_image(40, 30, 4))
@@ -244,7 +244,7 @@ def test_public_addresses(address):
 
 def test_the_blocking_connector_works_inside_a_running_loop(origin, monkeypatch):
     """LLM.chat fetches with the blocking call; in a notebook an event loop is running."""
-    from engine.media import OvisMediaConnector
+    from ovis_vllm.engine.media import OvisMediaConnector
 
     monkeypatch.setenv("OVIS_IMAGE_URLS", "any")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.members import member_of
+from ovis_vllm.engine.members import member_of
 from tests.conftest import SEED
 from tests.helpers import (
     SIDE,
@@ -33,7 +33,7 @@ def member(request, tmp_path_factory):
     """(preset, checkpoint, served chat template, engine, reference), one engine at a time."""
     import json
 
-    from engine.checkpoint import write_checkpoint
+    from ovis_vllm.engine.checkpoint import write_checkpoint
 
     preset = request.param
     path = write_checkpoint(tmp_path_factory.mktemp(preset), preset, seed=SEED)

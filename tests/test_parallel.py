@@ -77,7 +77,7 @@ def test_tp2_equals_single_rank(llm, tp2_llm):
 
 @pytest.fixture(scope="module")
 def ovis2_tp2(tmp_path_factory):
-    from engine.checkpoint import write_checkpoint
+    from ovis_vllm.engine.checkpoint import write_checkpoint
     from tests.conftest import SEED
 
     path = write_checkpoint(tmp_path_factory.mktemp("ovis2"), "ovis2-1b", seed=SEED)
@@ -89,7 +89,7 @@ def ovis2_tp2(tmp_path_factory):
 def test_ovis2_tp2_matches_the_reference(ovis2_tp2):
     """Ovis2 (AIMv2 split by vLLM, head and VTE split along the visual vocabulary) over 2 ranks
     against the reference: the single-rank engine matches it too (tests/test_members.py)."""
-    from engine.chat_template import QWEN_CHAT_TEMPLATE
+    from ovis_vllm.engine.chat_template import QWEN_CHAT_TEMPLATE
     from tests.ovis_reference import ReferenceOvis
 
     path, engine = ovis2_tp2

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageOps
 from transformers.models.siglip import SiglipImageProcessorPil
 
-from engine.preprocess import DEFAULT_MAX_PIXELS, choose_grid, crop_boxes, preprocess_image
+from ovis_vllm.engine.preprocess import DEFAULT_MAX_PIXELS, choose_grid, crop_boxes, preprocess_image
 from tests.ovis_reference import (
     reference_grid,
     reference_partition,
@@ -415,7 +415,7 @@ def test_not_an_image():
 def test_processor_sends_pixels_in_the_model_dtype(tiny_checkpoint, dtype):
     """The processor casts the pixels to the model's dtype (the model's first step), so its
     caches and the engine get half the bytes in bf16, with exactly the values the model uses."""
-    import engine
+    from ovis_vllm import engine
     from vllm.config import ModelConfig
     from vllm.multimodal import MULTIMODAL_REGISTRY
 

@@ -204,7 +204,7 @@ def test_fault_run(server, client):
 def test_url_policy_off_and_any(monkeypatch, tmp_path):
     """The connector refuses all URL fetching when off; with `any`, a refused connection is a
     clear ValueError (the API's 400), not a crash."""
-    from engine.media import OvisMediaConnector
+    from ovis_vllm.engine.media import OvisMediaConnector
 
     connector = OvisMediaConnector()
     monkeypatch.setenv("OVIS_IMAGE_URLS", "off")
@@ -238,7 +238,7 @@ def test_url_policy_off_and_any(monkeypatch, tmp_path):
 
 def test_images_are_decoded_as_the_reference_sees_them():
     """No EXIF transpose, no alpha compositing: the processor gets the file's own pixels."""
-    from engine.media import ReferenceImageMediaIO
+    from ovis_vllm.engine.media import ReferenceImageMediaIO
 
     rgba = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 4), dtype=np.uint8), "RGBA")
     exif = Image.Exif()

@@ -11,13 +11,13 @@ import httpx
 import openai
 import pytest
 
-from engine.chat_template import (
+from ovis_vllm.engine.chat_template import (
     GEMMA_CHAT_TEMPLATE,
     GEMMA_SYSTEM_MERGE_CHAT_TEMPLATE,
     LLAMA3_CHAT_TEMPLATE,
     QWEN_CHAT_TEMPLATE,
 )
-from server import build_argv
+from ovis_vllm.server import build_argv
 from tests.conftest import SEED
 from tests.helpers import SIDE, png_bytes, rand_image, running_server
 from tests.ovis_reference import ReferenceOvis
@@ -25,7 +25,7 @@ from tests.ovis_reference import ReferenceOvis
 
 @pytest.fixture(scope="module")
 def llama_checkpoint(tmp_path_factory):
-    from engine.checkpoint import write_checkpoint
+    from ovis_vllm.engine.checkpoint import write_checkpoint
 
     return write_checkpoint(tmp_path_factory.mktemp("llama"), "ovis1.6-llama3.2-3b", seed=SEED)
 
@@ -48,8 +48,7 @@ def test_slow_bf16_is_warned_about_on_cpus_without_onednn_bf16(tiny_checkpoint, 
     the user's. fp32, or a CPU with oneDNN bf16: no warning."""
     import torch
 
-    import kernels.cpu
-    import server
+    from ovis_vllm import kernels, server
 
     if torch.cuda.is_available():
         pytest.skip("a CPU-platform warning")
@@ -83,7 +82,7 @@ def test_llama_defaults(llama_checkpoint):
 
 
 def test_ovis2_defaults(tmp_path):
-    from engine.checkpoint import write_checkpoint
+    from ovis_vllm.engine.checkpoint import write_checkpoint
 
     path = write_checkpoint(tmp_path / "ovis2", "ovis2-1b", seed=SEED)
     argv = build_argv(["--model", str(path)])
@@ -102,7 +101,7 @@ def test_our_flags_go_to_the_environment(tiny_checkpoint, monkeypatch):
                        "--image-url-redirects=2"])
     assert not set(limits) & {a.split("=")[0] for a in argv}
     assert [os.environ[env] for env in limits.values()] == ["1000", "2", "7"]
-    assert _value(argv, "--middleware") == "server.RequestBodyLimit"
+    assert _value(argv, "--middleware") == "ovis_vllm.server.RequestBodyLimit"
     with pytest.raises(SystemExit, match="integer >= 0"):
         build_argv(["--model", str(tiny_checkpoint), "--max-request-bytes", "-1"])
 

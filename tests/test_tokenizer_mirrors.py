@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from engine.tokenizer_mirrors import (
+from ovis_vllm.engine.tokenizer_mirrors import (
     GEMMA2_CHAT_TEMPLATE,
     GEMMA_SPECIAL_TOKENS,
     LLAMA3_SPECIAL_TOKENS,
@@ -284,7 +284,7 @@ def test_deterministic(build):
 def test_renderer_adds_the_special_tokens_the_tokenizer_would(kind):
     """Prompts tokenized with add_special_tokens (e.g. completions) get the same wrapping as the
     tokenizer gives a whole text (engine/renderer.py)."""
-    from engine.renderer import special_token_wrapping
+    from ovis_vllm.engine.renderer import special_token_wrapping
 
     tok = kind.tok
     prefix, suffix = special_token_wrapping(tok)

@@ -30,9 +30,9 @@ import threading
 import pytest
 import torch
 
-import kernels
-from kernels import triton_kernels, vocab_parallel
-from kernels.reference import row_stats_reference, visual_embedding_reference
+from ovis_vllm import kernels
+from ovis_vllm.kernels import triton_kernels, vocab_parallel
+from ovis_vllm.kernels.reference import row_stats_reference, visual_embedding_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INTERPRETED = triton_kernels.INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1"

@@ -10,7 +10,7 @@ import sys
 import openai
 
 from benchmarks import serve
-from engine.checkpoint import write_checkpoint
+from ovis_vllm.engine.checkpoint import write_checkpoint
 from tests.conftest import SEED
 from tests.helpers import ROOT, SIDE, png_bytes, rand_image, running_server
 
