@@ -6,7 +6,10 @@ records lazy `module:class` paths, so calling it again is harmless. It registers
   not implement yet are handed to vLLM's built-in Ovis there);
 - our renderer for vLLM's "hf" renderer mode (engine/renderer.py): it tokenizes Ovis prompts the
   reference's way and behaves exactly as vLLM's for every other model;
-- our media connector for `image_url` inputs (VLLM_MEDIA_CONNECTOR=ovis, unless set).
+- our media connector for `image_url` inputs (VLLM_MEDIA_CONNECTOR=ovis, unless set);
+- for every model it serves, the repair of vLLM's multimodal processor cache
+  (engine/processor_cache.py): refused requests leave no stale entry, and cache drift is
+  resent once by the server instead of answered with HTTP 500.
 To run vLLM's built-in Ovis instead (for comparisons), start vLLM with `VLLM_PLUGINS=none`.
 Each process logs once that the plugin is active, with its version and the vLLM it supports
 (and a warning where another vLLM is installed).
@@ -19,6 +22,8 @@ OVIS_MODEL_PATH = "ovis_vllm.engine.model:Ovis"
 def register() -> None:
     import os
 
+    _log_like_vllm()
+
     from vllm import ModelRegistry
     from vllm.renderers.registry import RENDERER_REGISTRY
 
@@ -28,10 +33,28 @@ def register() -> None:
     # Set directly: RendererRegistry.register() would log an "overwritten" warning per process.
     RENDERER_REGISTRY.renderers["hf"] = ("ovis_vllm.engine.renderer", "OvisHfRenderer")
     from . import media  # noqa: F401  registers the "ovis" media connector (VLLM_MEDIA_CONNECTOR=ovis)
+    from .processor_cache import install as keep_processor_cache_true
+
+    keep_processor_cache_true()  # no 5xx after refused requests (engine/processor_cache.py)
     _log_active_once()
 
 
 _logged = False
+
+
+def _log_like_vllm() -> None:
+    """Our modules' logs (logger names under `ovis_vllm`) through vLLM's own handlers, level and
+    format: vLLM configures only its `vllm` logger, so an INFO line of ours in an engine-core or
+    worker process would otherwise go nowhere."""
+    import logging
+
+    ours, vllms = logging.getLogger("ovis_vllm"), logging.getLogger("vllm")
+    if ours.handlers or not vllms.handlers:
+        return
+    for handler in vllms.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(vllms.level)
+    ours.propagate = False
 
 
 def _log_active_once() -> None:

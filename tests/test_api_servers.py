@@ -60,3 +60,20 @@ def test_each_api_server_process_runs_the_plugin(server):
                    if c.laddr and c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED}
     assert len(set(answers)) == 1, answers
     assert len(serving) == 2, serving  # two API-server processes held the clients' connections
+
+
+def test_the_log_names_the_plugin_and_the_visual_embedding_path(server):
+    """Every vLLM process says the plugin is active (two API servers, the engine core, its
+    worker), and the model says once which visual-embedding path and GEMMs it runs, and why."""
+    import torch
+
+    from ovis_vllm import SUPPORTED_VLLM_VERSION, __version__
+    from ovis_vllm.kernels import onednn_unavailable
+
+    _, log = server
+    text = log.read_text()
+    assert text.count(f"ovis-vllm {__version__} plugin active (made for vLLM {SUPPORTED_VLLM_VERSION}") >= 4
+    assert "supports vLLM" not in text  # no version warning: the installed vLLM is the supported one
+    packed = "oneDNN, packed" if onednn_unavailable(torch.float32) is None else "torch"
+    line = f"Ovis visual embedding: chunked CPU path, torch.float32; head GEMM on {packed}, VTE product on {packed}"
+    assert text.count(line) == 1, [t for t in text.splitlines() if "visual embedding" in t]

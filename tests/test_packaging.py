@@ -106,13 +106,15 @@ if __name__ == "__main__":
     path = write_checkpoint(sys.argv[1], "tiny", seed=0)
     llm = LLM(model=str(path), dtype="float32", enforce_eager=True, gpu_memory_utilization=0.5,
               max_model_len=2048, max_num_seqs=2)
-    [model_class] = llm.apply_model(lambda model: type(model).__module__ + "." + type(model).__name__)
+    from ovis_vllm.engine.model import Ovis
+    [paths] = llm.apply_model(Ovis.visual_embedding_paths)  # only our Ovis has it
     [out] = llm.generate(["Hello"], SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)
     llm.llm_engine.engine_core.shutdown()
-    print("\nRESULT", json.dumps({
+    print()
+    print("RESULT", json.dumps({
         "hf_kernels": hasattr(kernels, "get_kernel") and not hasattr(kernels, "visual_embedding"),
         "hf_kernels_file": kernels.__file__, "ovis_kernels": hasattr(ovis_kernels, "visual_embedding"),
-        "version": ovis_vllm.__version__, "model_class": model_class, "tokens": len(out.outputs[0].token_ids)}))
+        "version": ovis_vllm.__version__, "paths": paths, "tokens": len(out.outputs[0].token_ids)}))
 """
 
 
@@ -145,12 +147,12 @@ def test_wheel_into_an_existing_vllm_beside_hf_kernels(wheel, tmp_path):
     assert not any(word.startswith(("torch-", "vllm-")) for word in changed.split()), changed
 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VLLM_PLUGINS")}
-    env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_ALLOW_INSECURE_SERIALIZATION="1")  # apply_model's lambda
+    env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_ALLOW_INSECURE_SERIALIZATION="1")  # apply_model
     proc = subprocess.run([python, "-c", IN_THE_NEW_VENV, str(tmp_path / "ckpt")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     result = json.loads(proc.stdout.split("\nRESULT ", 1)[1])
     assert result["hf_kernels"] and str(venv) in result["hf_kernels_file"] and result["ovis_kernels"]
     assert result["version"] == ovis_vllm.__version__
-    assert result["model_class"] == "ovis_vllm.engine.model.Ovis" and result["tokens"] == 2
+    assert result["paths"].split(",")[0] in ("chunked CPU path", "fused Triton kernels") and result["tokens"] == 2
     assert f"ovis-vllm {ovis_vllm.__version__} plugin active" in proc.stdout + proc.stderr
