@@ -184,7 +184,9 @@ def prompt_logprobs(out):
 
 def vllm_packs(dtype) -> bool:
     """Whether vLLM's own CPU GEMM dispatch (dispatch_cpu_unquantized_gemm) packs a Linear weight
-    of `dtype` on this machine: it then frees the weight, its torch fallback keeps it."""
+    of `dtype` on this machine: it then frees the weight, its torch fallback keeps it. The weight
+    (4 MiB in bf16) is above vLLM's 1 MiB cutoff for its AMX small-GEMM kernel, so on any CPU
+    this asks its oneDNN branch, the one the packing choice mirrors."""
     import torch
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
