@@ -343,14 +343,6 @@ def run_vllm_serve(args: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    import vllm
-
-    from ovis_vllm import SUPPORTED_VLLM_VERSION, __version__, vllm_version_problem
-
-    logger.info("ovis-vllm %s (made for vLLM %s), vLLM %s installed", __version__, SUPPORTED_VLLM_VERSION,
-                vllm.__version__)
-    if problem := vllm_version_problem():
-        logger.warning(problem)
     args = build_argv(sys.argv[1:] if argv is None else argv)
     logger.info("starting vLLM's OpenAI-compatible server (vllm serve) with: %s", " ".join(args))
     run_vllm_serve(args)
