@@ -17,7 +17,8 @@ defaults fill in only what was not given:
 - a checkpoint vLLM's CPU backend cannot run on this CPU (GPTQ without AVX-512) is refused at
   start with the reason (engine/cpu_support.py), where vLLM alone fails at the first request;
   bf16 on a CPU without AVX-512 is served, with a warning that --dtype float32 is ~200x faster;
-- `--limit-mm-per-prompt {"image": 8}`;
+- `--limit-mm-per-prompt {"image": 8}` on the checkpoints this plugin implements (any other
+  checkpoint keeps vLLM's own limits, so serving it here is never more restrictive);
 - on a machine without CUDA: `--gpu-memory-utilization 0.5` and VLLM_CPU_KVCACHE_SPACE=4 (GiB);
 - images from `image_url` parts are decoded as the reference sees them and fetched under a URL
   policy (engine/media.py);
@@ -215,8 +216,9 @@ def slow_bf16_warning(argv: list[str], config) -> str | None:
             f"--dtype float32 to serve at speed (the weights take twice the memory)")
 
 
-def _checkpoint_defaults(argv: list[str], system_prompt: str) -> list[str]:
-    """Chat template and max model length from the served checkpoint's member row."""
+def _checkpoint_defaults(argv: list[str], system_prompt: str) -> tuple[list[str], object]:
+    """Chat template and max model length from the served checkpoint's member row; returns the
+    argv and the member (None for a checkpoint this plugin does not implement)."""
     from ovis_vllm.engine import OVIS_ARCHITECTURE
     from ovis_vllm.engine.cpu_support import cpu_cannot_serve
     from ovis_vllm.engine.members import member_of
@@ -231,7 +233,7 @@ def _checkpoint_defaults(argv: list[str], system_prompt: str) -> list[str]:
     if member is None:
         if system_prompt == "merge":
             raise SystemExit("--system-prompt merge applies to Ovis1.6-Gemma2 checkpoints only")
-        return argv
+        return argv, None
     conversation = member.conversation
     if system_prompt == "merge" and conversation.system_merge_template is None:
         raise SystemExit(f"--system-prompt merge is for conversation formats without a system "
@@ -250,7 +252,7 @@ def _checkpoint_defaults(argv: list[str], system_prompt: str) -> list[str]:
         logger.info("serving with --max-model-len %d, the checkpoint's multimodal_max_length "
                     "(the LLM allows %d; the reference never sees longer sequences)", mm_max, llm_max)
         argv += ["--max-model-len", str(mm_max)]
-    return argv
+    return argv, member
 
 
 def _take_option(argv: list[str], flag: str, default: str) -> str:
@@ -311,8 +313,8 @@ def build_argv(argv: list[str]) -> list[str]:
         argv = ["--model", str(path)] + argv
         if not _given(argv, "--served-model-name"):
             argv += ["--served-model-name", DEFAULT_SERVED_NAME]
-    argv = _checkpoint_defaults(argv, system_prompt)
-    if not _given(argv, "--limit-mm-per-prompt"):
+    argv, member = _checkpoint_defaults(argv, system_prompt)
+    if member is not None and not _given(argv, "--limit-mm-per-prompt"):
         argv += ["--limit-mm-per-prompt", json.dumps({"image": DEFAULT_IMAGE_LIMIT})]
     if not _has_cuda():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")

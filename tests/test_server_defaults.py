@@ -90,6 +90,23 @@ def test_ovis2_defaults(tmp_path):
     assert "--max-model-len" not in argv  # Qwen2.5 allows 32768 = multimodal_max_length
 
 
+def test_image_limit_only_on_checkpoints_we_implement(tiny_checkpoint, tmp_path):
+    """Our 8-image default is for the members this plugin serves; any other checkpoint (an
+    Ovis2.5-shaped one, which vLLM's built-in serves, or a text-only Llama) keeps vLLM's own
+    limits, so going through server.py never refuses what vLLM alone accepts."""
+    assert json.loads(_value(build_argv(["--model", str(tiny_checkpoint)]), "--limit-mm-per-prompt")) == {"image": 8}
+    others = {"ovis2.5": {"architectures": ["Ovis2_5"], "model_type": "ovis2_5"},
+              "llama": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+                        "num_attention_heads": 1, "num_hidden_layers": 1, "vocab_size": 128}}
+    for name, config in others.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        argv = build_argv(["--model", str(tmp_path / name)])
+        assert "--limit-mm-per-prompt" not in argv, (name, argv)
+    given = build_argv(["--model", str(tmp_path / "llama"), "--limit-mm-per-prompt", '{"image": 2}'])
+    assert _value(given, "--limit-mm-per-prompt") == '{"image": 2}'
+
+
 def test_our_flags_go_to_the_environment(tiny_checkpoint, monkeypatch):
     """Taken out of vLLM's argv into variables that every process vLLM starts inherits."""
     limits = {"--image-url-max-bytes": "OVIS_IMAGE_URL_MAX_BYTES",
