@@ -9,7 +9,9 @@ records lazy `module:class` paths, so calling it again is harmless. It registers
 - our media connector for `image_url` inputs (VLLM_MEDIA_CONNECTOR=ovis, unless set);
 - for every model it serves, the repair of vLLM's multimodal processor cache
   (engine/processor_cache.py): refused requests leave no stale entry, and cache drift is
-  resent once by the server instead of answered with HTTP 500.
+  resent once by the server instead of answered with HTTP 500;
+- LoRA adapter checks (engine/lora.py): an adapter of the visual tokenizer is refused, naming its
+  modules, and one the engine cannot load gets HTTP 400 from /v1/load_lora_adapter, not 500.
 To run vLLM's built-in Ovis instead (for comparisons), start vLLM with `VLLM_PLUGINS=none`.
 Each process logs once that the plugin is active, with its version and the vLLM it supports
 (and a warning where another vLLM is installed).
@@ -36,6 +38,9 @@ def register() -> None:
     from .processor_cache import install as keep_processor_cache_true
 
     keep_processor_cache_true()  # no 5xx after refused requests (engine/processor_cache.py)
+    from .lora import install as check_lora_adapters
+
+    check_lora_adapters()  # adapters that would not apply are refused with 400 (engine/lora.py)
     _log_active_once()
 
 

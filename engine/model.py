@@ -35,7 +35,8 @@ from vllm.distributed import (
 from vllm.logger import init_logger
 from vllm.model_executor.models import ovis as builtin_ovis
 from vllm.model_executor.models.aimv2 import AIMv2Model
-from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal, SupportsPP
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsLoRA, SupportsMultiModal, SupportsPP
+from vllm.model_executor.models.module_mapping import MultiModelKeys
 from vllm.model_executor.models.siglip import SiglipVisionModel
 from vllm.model_executor.models.utils import AutoWeightsLoader, init_vllm_registered_model, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
@@ -217,10 +218,18 @@ class OvisVisualTokenizer(nn.Module):
 
 
 @MULTIMODAL_REGISTRY.register_processor(processor_for, info=processing_info_for, dummy_inputs=dummy_inputs_for)
-class Ovis(nn.Module, SupportsMultiModal, SupportsPP):
+class Ovis(nn.Module, SupportsMultiModal, SupportsPP, SupportsLoRA):
+    # LoRA on the LLM's linear layers (Gemma2, Llama and Qwen2 fuse the same ones); vLLM applies
+    # none to the visual tokenizer, so adapters of it are refused (check_lora_modules).
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
+                              "gate_up_proj": ["gate_proj", "up_proj"]}
+
     def __new__(cls, *, vllm_config: VllmConfig, prefix: str = ""):
         config = vllm_config.model_config.hf_config
         if member_of(config) is None:
+            if vllm_config.lora_config is not None:  # vLLM's own message would name our class
+                raise ValueError(builtin_fallback_message(config) + " vLLM's built-in Ovis has no "
+                                 "LoRA support: serve this checkpoint without --enable-lora.")
             logger.warning(builtin_fallback_message(config))
             return builtin_ovis.Ovis(vllm_config=vllm_config, prefix=prefix)
         return super().__new__(cls)
@@ -253,6 +262,10 @@ class Ovis(nn.Module, SupportsMultiModal, SupportsPP):
             self.llm = init_vllm_registered_model(
                 vllm_config=vllm_config.with_hf_config(config.get_text_config()),
                 prefix=maybe_prefix(prefix, "llm"))
+        # No LoRA on the LLM's token embeddings and lm_head: ms-swift's adapters leave them out,
+        # vLLM's Gemma2 and Qwen2 take none, and vLLM's LoRA logits path (which Llama would get)
+        # fails on prompt logprobs in a batch with an adapter, taking the engine down with it.
+        self.llm.embedding_modules = {}
         vocab = config.visual_tokenizer_config.vocab_size
         self.tp_rank, self.tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
         # Every rank holds 1/tp of the head and the VTE (vLLM's built-in replicates both).
@@ -302,6 +315,23 @@ class Ovis(nn.Module, SupportsMultiModal, SupportsPP):
             rows = torch.tensor(index, device=table.device)
             images.append(table.index_select(0, rows))
         return images
+
+    def get_mm_mapping(self) -> MultiModelKeys:
+        return MultiModelKeys.from_string_field(language_model="llm", connector="visual_tokenizer.head",
+                                                tower_model="visual_tokenizer.backbone")
+
+    def check_lora_modules(self, module_names) -> None:
+        """Called by engine/lora.py with the modules an adapter adapts: LoRA is applied to the
+        LLM only, so an adapter of anything else is refused rather than half served."""
+        visual = sorted(name for name in module_names if not name.startswith("llm."))
+        if visual:
+            shown = ", ".join(visual[:6]) + (f" and {len(visual) - 6} more" if len(visual) > 6 else "")
+            raise ValueError(
+                f"this LoRA adapter also adapts {len(visual)} module(s) outside the LLM ({shown}); "
+                "only the LLM's linear layers take LoRA here (as in vLLM), so it would be served "
+                "without them. Train with the vision tower and aligner frozen (ms-swift's default "
+                "--freeze_vit true --freeze_aligner true), or merge the adapter into the checkpoint "
+                "and serve that")
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         pixel_values, grids = kwargs.get("pixel_values"), kwargs.get("grids")

@@ -126,8 +126,10 @@ def chat_prompt(tokenizer, turns: list[tuple[str, str]], chat_template: str | No
                                          chat_template=chat_template)
 
 
-def run_engine(llm, cases, max_new_tokens=MAX_NEW_TOKENS, chat_template=None, **sampling):
-    """cases: list of (turns, images). One batched generate call for all of them."""
+def run_engine(llm, cases, max_new_tokens=MAX_NEW_TOKENS, chat_template=None, lora_request=None,
+               **sampling):
+    """cases: list of (turns, images). One batched generate call for all of them (`lora_request`:
+    one LoRARequest or None for all, or one per case)."""
     from vllm import SamplingParams
 
     tokenizer = llm.get_tokenizer()
@@ -139,7 +141,7 @@ def run_engine(llm, cases, max_new_tokens=MAX_NEW_TOKENS, chat_template=None, **
         if images:
             req["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
         requests.append(req)
-    return llm.generate(requests, params, use_tqdm=False)
+    return llm.generate(requests, params, use_tqdm=False, lora_request=lora_request)
 
 
 def assert_parity(out, reference, turns, images, atol=PROMPT_LOGPROB_ATOL, tie_gap=GREEDY_TIE_GAP,
