@@ -132,7 +132,9 @@ class PeakMemory:
         self._stop.set()
 
 
-async def run_level(base_url: str, model: str, requests: list[dict], concurrency: int):
+async def run_level(base_url: str, model: str | list[str], requests: list[dict], concurrency: int):
+    """Send `requests` at `concurrency`, streamed; `model`: one served name, or several that the
+    requests take in turn (request i: model[i % len(model)])."""
     import openai
     from vllm.benchmarks.datasets import SampleRequest
     from vllm.benchmarks.lib.endpoint_request_func import RequestFuncOutput
@@ -141,7 +143,9 @@ async def run_level(base_url: str, model: str, requests: list[dict], concurrency
                                 max_retries=0, timeout=1800)
     semaphore = asyncio.Semaphore(concurrency)
 
-    async def one(req) -> RequestFuncOutput:
+    models = [model] if isinstance(model, str) else model
+
+    async def one(i, req) -> RequestFuncOutput:
         out = RequestFuncOutput()
         async with semaphore:
             start = time.perf_counter()
@@ -149,7 +153,7 @@ async def run_level(base_url: str, model: str, requests: list[dict], concurrency
             last = start
             try:
                 stream = await client.chat.completions.create(
-                    model=model, messages=req["messages"], max_tokens=req["max_tokens"],
+                    model=models[i % len(models)], messages=req["messages"], max_tokens=req["max_tokens"],
                     temperature=0, stream=True, stream_options={"include_usage": True})
                 async for chunk in stream:
                     now = time.perf_counter()
@@ -170,7 +174,7 @@ async def run_level(base_url: str, model: str, requests: list[dict], concurrency
         return out
 
     start = time.perf_counter()
-    outputs = await asyncio.gather(*[one(r) for r in requests])
+    outputs = await asyncio.gather(*[one(i, r) for i, r in enumerate(requests)])
     duration = time.perf_counter() - start
     await client.close()
     samples = [SampleRequest(prompt="", prompt_len=o.prompt_len, expected_output_len=r["max_tokens"])
