@@ -15,6 +15,7 @@ per process where it falls short:
   token's slot, and -1 ("no adapter") picks the last slot: base-model requests batched with
   requests through adapters are answered with another adapter's weights (measured: prompt
   log-probabilities off by ~2 from the base model's). The CUDA (Triton) kernels skip -1.
+  (Known upstream: vllm-project/vllm pull requests 48421 and 49656, open.)
 - An adapter that the engine cannot load (made for another base model, a rank over
   --max-lora-rank, no weights file, modules the model does not have) is answered by
   `/v1/load_lora_adapter` with HTTP 400 and the reason, where vLLM answers 500, a server fault;

@@ -264,7 +264,8 @@ class Ovis(nn.Module, SupportsMultiModal, SupportsPP, SupportsLoRA):
                 prefix=maybe_prefix(prefix, "llm"))
         # No LoRA on the LLM's token embeddings and lm_head: ms-swift's adapters leave them out,
         # vLLM's Gemma2 and Qwen2 take none, and vLLM's LoRA logits path (which Llama would get)
-        # fails on prompt logprobs in a batch with an adapter, taking the engine down with it.
+        # fails on prompt logprobs in a batch with an adapter, taking the engine down with it
+        # (vllm-project/vllm issues 29955 and 51594).
         self.llm.embedding_modules = {}
         vocab = config.visual_tokenizer_config.vocab_size
         self.tp_rank, self.tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
