@@ -21,18 +21,9 @@ import json
 from pathlib import Path
 
 from benchmarks.common import command_line, machine_info, machine_name, out_dir, pyplot, save_chart, write_json
-from benchmarks.serve import (PeakMemory, make_requests, metrics_row, run_level, start_server, stop_server,
-                              summarize)
+from benchmarks.serve import make_requests, run_level, start_server, stop_server, summarize, timed_run
 
 ADAPTER_COUNTS = (1, 4, 16)
-
-
-def timed(label, base, pid, models, requests, concurrency) -> dict:
-    with PeakMemory(pid) as mem:
-        outputs, samples, duration = asyncio.run(run_level(base, models, requests, concurrency))
-    row = metrics_row(outputs, samples, duration)
-    row.update(server=label, concurrency=concurrency, requests=len(requests), peak_rss_MiB=mem.peak / 2**20)
-    return row
 
 
 def plot(result: dict, path: Path, chart: bool = False) -> list[Path]:
@@ -87,8 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
                                       args.concurrency))
             for repeat in range(args.repeats):
                 for label in (mine if repeat % 2 == 0 else mine[::-1]):
-                    runs[label].append(timed(label, base, proc.pid, settings[label][1], requests,
-                                             args.concurrency))
+                    runs[label].append(timed_run(label, base, proc.pid, settings[label][1], requests,
+                                                 args.concurrency))
         finally:
             stop_server(proc)
     rows = [summarize(label, args.concurrency, runs[label]) for label in settings]

@@ -87,7 +87,8 @@ def _patch_worker_load(worker_manager_cls) -> None:
         if names is not None:  # before vLLM's own checks, so that every such module is named
             check_modules(model, names)
         lora = original(self, lora_request)
-        check_modules(model, lora.loras)  # .bin / .pt adapters
+        if names is None:  # a .bin / .pt adapter: its modules are known once loaded
+            check_modules(model, lora.loras)
         check_input_widths(model, lora)
         return lora
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -34,7 +35,7 @@ VISION_PREFIX = "visual_tokenizer.backbone"
 
 def target_regex(prefixes_and_layers: list[tuple[str, tuple[str, ...]]]) -> str:
     """ms-swift's target_modules regex (get_multimodal_target_regex) for these towers."""
-    parts = [rf"{prefix.replace('.', chr(92) + '.')}(?=\.).*\.({'|'.join(layers)})"
+    parts = [rf"{re.escape(prefix)}(?=\.).*\.({'|'.join(layers)})"
              for prefix, layers in prefixes_and_layers]
     return rf"^({'|'.join(parts)})$"
 
