@@ -14,7 +14,7 @@ import argparse
 import torch
 
 from benchmarks.common import out_dir, write_json
-from ovis_vllm.engine.model import ShardedHeadLinear, ShardedLayerNorm, ShardedVTE, VocabShard
+from ovis_vllm.engine.visual_vocab import ShardedHeadLinear, ShardedLayerNorm, ShardedVTE, VocabShard
 from ovis_vllm.engine.placeholders import NUM_INDICATORS
 
 VISUAL_VOCAB, HIDDEN, HEAD_IN = 65536, 3584, 1152 * 4
@@ -31,7 +31,7 @@ def row(tp: int) -> dict:
     shard = VocabShard.of(vh, 0, tp)  # rank 0 holds the widest slice
     with torch.device("meta"):
         ours = module_bytes(ShardedHeadLinear(HEAD_IN, shard), ShardedLayerNorm(shard),
-                            ShardedVTE(shard, VISUAL_VOCAB, HIDDEN))
+                            ShardedVTE(shard, VISUAL_VOCAB, HIDDEN, NUM_INDICATORS))
     builtin = (vh * HEAD_IN + 2 * vh + VISUAL_VOCAB * HIDDEN) * BYTES
     # Per image, each rank: all-gather of LN moments and softmax stats (fp32 [N, 2] from every
     # rank, twice) and one all-reduce of the fp32 [N, D] rescaled product (a ring all-reduce

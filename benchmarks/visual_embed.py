@@ -1,4 +1,4 @@
-"""Benchmark of the Ovis visual embedding softmax(LayerNorm(logits)) @ VTE at Ovis1.6 sizes.
+"""Benchmark of the Ovis visual embedding softmax(LayerNorm(logits)) @ VTE at Ovis1.6 or Ovis2.5 sizes.
 
 Methods, all in one run on the same inputs:
   unfused  vLLM 0.32's built-in way (full LN, softmax and padded copies, then one matmul)
@@ -22,8 +22,9 @@ tensors really leave the resident set between measurements. Measured on a call a
     python -m benchmarks.visual_embed                 # full: N in 196,1960,7840; bf16 + fp32
     python -m benchmarks.visual_embed --quick         # N=196, bf16, 2 repeats
     python -m benchmarks.visual_embed --sizes 196,1960 --dtypes bf16,fp32 --repeats 3
-Writes visual_embed.json and visual_embed.png to --out (default benchmarks/out/); --chart also
-writes the chart to docs/charts/visual_embed.png.
+    python -m benchmarks.visual_embed --generation ovis2.5   # NaViT: 1, 2, 4 images of 1792x1792
+Writes visual_embed.json and visual_embed.png (Ovis2.5: visual_embed_ovis2_5.*) to --out (default
+benchmarks/out/); --chart also writes the chart to docs/charts/.
 """
 import argparse
 import ctypes
@@ -37,6 +38,11 @@ from ovis_vllm import kernels
 from benchmarks.common import command_line, machine_info, machine_name, out_dir, pyplot, save_chart, write_json
 
 V, D, EPS = 65536, 3584, 1e-6
+# Per generation: LLM width D (Ovis1.6-Gemma2-9B: 3584; Ovis2.5-9B: 4096), indicator rows, the
+# default N (Ovis1.6: 1, 10 and 40 crops of 196 tokens; Ovis2.5: 1, 2 and 4 images of 1792x1792,
+# 3136 visual rows each).
+GENERATIONS = {"ovis1.6": (3584, 5, "196,1960,7840", "visual_embed"),
+               "ovis2.5": (4096, 4, "3136,6272,12544", "visual_embed_ovis2_5")}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -91,9 +97,10 @@ def time_fn(fn, device: torch.device, repeats: int) -> list[float]:
 
 
 # --------------------------------------------------------------------------------- the cases
-def make_inputs(n: int, dtype: torch.dtype, device: torch.device, seed: int = 0, v: int = V, d: int = D):
+def make_inputs(n: int, dtype: torch.dtype, device: torch.device, seed: int = 0, v: int = V, d: int = D,
+                indicators: int = kernels.NUM_INDICATORS):
     g = torch.Generator(device=device).manual_seed(seed)
-    vh = v - kernels.NUM_INDICATORS
+    vh = v - indicators
     logits = (torch.randn(n, vh, generator=g, device=device) * 3).to(dtype)
     w = (0.5 + 2 * torch.rand(vh, generator=g, device=device)).to(dtype)
     b = (0.5 * torch.randn(vh, generator=g, device=device)).to(dtype)
@@ -128,9 +135,10 @@ def served_method(methods: dict, device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "packed" if "packed" in methods else "chunked"
 
 
-def run_case(n, dtype_name, device, repeats, warmup, progress, chunk_mb=kernels.DEFAULT_CHUNK_MB, v=V, d=D):
+def run_case(n, dtype_name, device, repeats, warmup, progress, chunk_mb=kernels.DEFAULT_CHUNK_MB, v=V, d=D,
+             indicators=kernels.NUM_INDICATORS):
     """Every method on the same inputs; one row per method. v and d default to Ovis1.6's sizes."""
-    args = make_inputs(n, DTYPES[dtype_name], device, v=v, d=d)
+    args = make_inputs(n, DTYPES[dtype_name], device, v=v, d=d, indicators=indicators)
     methods = methods_for(device, args, chunk_mb)
     flops = 2 * n * v * d  # nominal, as in the module docstring
     rows, outputs, times = [], {}, {name: [] for name in methods}
@@ -235,7 +243,9 @@ def plot(rows, path, title, chart=False):
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", default="196,1960,7840", help="comma-separated N (visual tokens)")
+    p.add_argument("--generation", choices=sorted(GENERATIONS), default="ovis1.6",
+                   help="sizes of Ovis1.6-Gemma2-9B (default) or Ovis2.5-9B")
+    p.add_argument("--sizes", help="comma-separated N (visual tokens; default per --generation)")
     p.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp16, fp32")
     p.add_argument("--repeats", type=int, default=None, help="timed calls (default 3 CPU, 20 CUDA)")
     p.add_argument("--warmup", type=int, default=1)
@@ -250,7 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available()
                           else a.device if a.device != "auto" else "cpu")
-    sizes = [196] if a.quick else [int(s) for s in a.sizes.split(",")]
+    d, indicators, default_sizes, name = GENERATIONS[a.generation]
+    sizes = [196] if a.quick else [int(s) for s in (a.sizes or default_sizes).split(",")]
     dtypes = ["bf16"] if a.quick else a.dtypes.split(",")
     repeats = 2 if a.quick else a.repeats or (20 if device.type == "cuda" else 3)
     if device.type == "cpu":
@@ -265,18 +276,19 @@ def main(argv: list[str] | None = None) -> dict:
     with tqdm(total=len(sizes) * n_methods, desc="visual_embed") as progress:
         for dtype_name in dtypes:
             for n in sizes:
-                rows += run_case(n, dtype_name, device, repeats, a.warmup, progress, a.chunk_mb)
+                rows += run_case(n, dtype_name, device, repeats, a.warmup, progress, a.chunk_mb, d=d,
+                                 indicators=indicators)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-    result = dict(command=command_line(__spec__.name, argv), device=device.type, machine=machine_info(), V=V, D=D,
-                  chunk_mb=a.chunk_mb, repeats=repeats, warmup=a.warmup, results=rows)
+    result = dict(command=command_line(__spec__.name, argv), device=device.type, machine=machine_info(), V=V, D=d,
+                  generation=a.generation, chunk_mb=a.chunk_mb, repeats=repeats, warmup=a.warmup, results=rows)
     if a.sweep and device.type == "cuda":
         result["sweep"] = sweep_triton(sizes, device, repeats)
-    write_json(out / "visual_embed.json", result)
-    charts = plot(rows, out / "visual_embed.png",
-                  f"Ovis visual embedding, V={V}, D={D} on {machine_name(result['machine'])}", a.chart)
+    write_json(out / f"{name}.json", result)
+    charts = plot(rows, out / f"{name}.png",
+                  f"{a.generation} visual embedding, V={V}, D={d} on {machine_name(result['machine'])}", a.chart)
     print(markdown_table(rows))
-    print("wrote", out / "visual_embed.json", *charts)
+    print("wrote", out / f"{name}.json", *charts)
     return result
 
 

@@ -2,8 +2,11 @@
 
 vLLM calls `register()` in every process it starts (API server, engine core, workers); it only
 records lazy `module:class` paths, so calling it again is harmless. It registers
-- our Ovis model and processor for the "Ovis" architecture (engine/model.py; checkpoints we do
-  not implement yet are handed to vLLM's built-in Ovis there);
+- our Ovis model and processor for the "Ovis" architecture (engine/model.py: Ovis1.6, Ovis2) and
+  for "Ovis2_5", "Ovis2_6ForCausalLM", "Ovis2_6_MoeForCausalLM" (engine/model_ovis2_5.py);
+  checkpoints we do not implement are handed to vLLM's built-in class there;
+- config classes for the Ovis2.5/2.6 checkpoints (engine/configs.py), so they load without
+  --trust-remote-code;
 - our renderer for vLLM's "hf" renderer mode (engine/renderer.py): it tokenizes Ovis prompts the
   reference's way and behaves exactly as vLLM's for every other model;
 - our media connector for `image_url` inputs (VLLM_MEDIA_CONNECTOR=ovis, unless set);
@@ -19,6 +22,7 @@ Each process logs once that the plugin is active, with its version and the vLLM 
 
 OVIS_ARCHITECTURE = "Ovis"
 OVIS_MODEL_PATH = "ovis_vllm.engine.model:Ovis"
+OVIS2_5_MODEL_PATH = "ovis_vllm.engine.model_ovis2_5:Ovis2_5"
 
 
 def register() -> None:
@@ -31,7 +35,13 @@ def register() -> None:
 
     # Image URLs decoded as the reference sees them, under a URL policy (engine/media.py).
     os.environ.setdefault("VLLM_MEDIA_CONNECTOR", "ovis")
+    from .configs import register_configs
+    from .members import OVIS2_5_ARCHITECTURES
+
+    register_configs()
     ModelRegistry.register_model(OVIS_ARCHITECTURE, OVIS_MODEL_PATH)
+    for architecture in OVIS2_5_ARCHITECTURES:
+        ModelRegistry.register_model(architecture, OVIS2_5_MODEL_PATH)
     # Set directly: RendererRegistry.register() would log an "overwritten" warning per process.
     RENDERER_REGISTRY.renderers["hf"] = ("ovis_vllm.engine.renderer", "OvisHfRenderer")
     from . import media  # noqa: F401  registers the "ovis" media connector (VLLM_MEDIA_CONNECTOR=ovis)
@@ -74,7 +84,7 @@ def _log_active_once() -> None:
 
     logger = init_logger(__name__)
     logger.info("ovis-vllm %s plugin active (made for vLLM %s; vLLM %s installed): the %r "
-                "architecture is served by %s", __version__, SUPPORTED_VLLM_VERSION, vllm.__version__,
-                OVIS_ARCHITECTURE, OVIS_MODEL_PATH)
+                "architecture is served by %s, Ovis2.5/2.6 by %s", __version__, SUPPORTED_VLLM_VERSION,
+                vllm.__version__, OVIS_ARCHITECTURE, OVIS_MODEL_PATH, OVIS2_5_MODEL_PATH)
     if problem := vllm_version_problem():
         logger.warning(problem)

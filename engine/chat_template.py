@@ -28,7 +28,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Conversation:
     name: str
-    chat_template: str
+    chat_template: str | None               # None: the checkpoint's own (tokenizer_config.json)
     stop_tokens: tuple[str, ...]             # end a reply, besides the tokenizer's eos
     system_merge_template: str | None = None  # --system-prompt merge (formats without a system role)
 
@@ -116,3 +116,9 @@ QWEN_CHAT_TEMPLATE = (
     "<|im_start|>assistant\n", strip=False)
 
 QWEN = Conversation("qwen", QWEN_CHAT_TEMPLATE, ("<|im_end|>",))
+
+# ---- Qwen3 (Ovis2.5, Ovis2.6) -----------------------------------------------------------------
+# The published checkpoints' own template is the reference's format (docs/reference.md): served
+# as is, so thinking is on unless a request passes chat_template_kwargs {"enable_thinking": false}.
+QWEN3 = Conversation("qwen3", None, ("<|im_end|>",))
+

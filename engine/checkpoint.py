@@ -24,6 +24,8 @@ Presets (`--preset`):
                                 tokenizer with Gemma's special ids that knows `<image>`
   wide                          Ovis1.6-Gemma2-9B's real widths, one layer each, for benchmarks
   ovis2-wide                    Ovis2-8B's real widths, one layer each, for benchmarks
+  ovis2.5-2b, ovis2.5-9b, ovis2.6-2b, ovis2.6-moe, ovis2.5-wide
+                                Ovis2.5 / Ovis2.6: engine/checkpoint_ovis2_5.py
 
     python -m engine.checkpoint OUT_DIR --preset ovis1.6-llama3.2-3b --seed 0
 """
@@ -440,6 +442,10 @@ def _random_tensor(p: Preset, name: str, shape: tuple[int, ...], gen: torch.Gene
 def write_checkpoint(out_dir: str | os.PathLike, preset: str | Preset = "tiny", seed: int = 0,
                      **overrides) -> Path:
     """Write a complete checkpoint directory and return its path."""
+    from .checkpoint_ovis2_5 import OVIS2_5_PRESETS, Ovis25Preset, write_ovis2_5_checkpoint
+
+    if isinstance(preset, Ovis25Preset) or preset in OVIS2_5_PRESETS:
+        return write_ovis2_5_checkpoint(out_dir, preset, seed, **overrides)
     p = PRESETS[preset] if isinstance(preset, str) else preset
     p = replace(p, **overrides)
     out = Path(out_dir)
@@ -502,7 +508,9 @@ def default_model_dir() -> Path:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir")
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    from .checkpoint_ovis2_5 import OVIS2_5_PRESETS
+
+    ap.add_argument("--preset", choices=sorted(PRESETS) + sorted(OVIS2_5_PRESETS), default="tiny")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                     help="weight dtype (default: the preset's)")

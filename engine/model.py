@@ -19,19 +19,12 @@ checkpoint's quantization applies to the LLM only.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from vllm.config import VllmConfig
-from vllm.distributed import (
-    get_tensor_model_parallel_rank,
-    get_tensor_model_parallel_world_size,
-    tensor_model_parallel_all_gather,
-    tensor_model_parallel_all_reduce,
-)
 from vllm.logger import init_logger
 from vllm.model_executor.models import ovis as builtin_ovis
 from vllm.model_executor.models.aimv2 import AIMv2Model
@@ -42,141 +35,27 @@ from vllm.model_executor.models.utils import AutoWeightsLoader, init_vllm_regist
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
-from ovis_vllm.kernels import (
-    DEFAULT_CHUNK_MB,
-    PackedMatrix,
-    check_impl,
-    onednn_unavailable,
-    visual_embedding,
-    vocab_parallel_visual_embedding,
-)
-
 from .cpu_support import cpu_cannot_serve
 from .members import builtin_fallback_message, member_of
 from .placeholders import IMAGE_ATOM, IMAGE_TOKEN, NUM_INDICATORS, image_layout, indicator_vte_row
 from .processor import dummy_inputs_for, processing_info_for, processor_for
+from .visual_vocab import VisualVocabulary
 
 logger = init_logger(__name__)
 
 
-def visual_embed_options(vllm_config: VllmConfig) -> tuple[str, float]:
-    """The visual-embedding path and the CPU path's chunk budget (MiB), from vLLM's
-    `--additional-config '{"ovis_visual_embed": "auto", "ovis_visual_embed_chunk_mb": 64}'`;
-    checked here, so a typo stops the server at start-up."""
-    extra = vllm_config.additional_config if isinstance(vllm_config.additional_config, dict) else {}
-    impl = extra.get("ovis_visual_embed", "auto")
-    check_impl(impl)
-    chunk_mb = extra.get("ovis_visual_embed_chunk_mb", DEFAULT_CHUNK_MB)
-    if not isinstance(chunk_mb, (int, float)) or isinstance(chunk_mb, bool) or chunk_mb <= 0:
-        raise ValueError(f"ovis_visual_embed_chunk_mb must be a positive number of MiB, not {chunk_mb!r}")
-    return impl, float(chunk_mb)
-
-
-@dataclass(frozen=True)
-class VocabShard:
-    """One tensor-parallel rank's slice of the Vh = V-5 softmax columns of the visual vocabulary.
-
-    Slices are ceil(Vh / ranks) wide. The last one may hold fewer real columns (`valid`); its
-    padding rows stay zero and are sliced away before any use, so they never get probability."""
-    start: int
-    size: int
-    valid: int
-
-    @classmethod
-    def of(cls, vocab: int, rank: int, ranks: int) -> "VocabShard":
-        size = -(-vocab // ranks)
-        start = rank * size
-        return cls(start, size, max(0, min(size, vocab - start)))
-
-    def load(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        """weight_loader: this slice of the checkpoint's full (unsharded) tensor."""
-        param.data.zero_()
-        param.data[: self.valid].copy_(loaded[self.start:self.start + self.valid])
-
-
-def _sharded_param(shard: VocabShard, *shape: int) -> nn.Parameter:
-    param = nn.Parameter(torch.empty(shard.size, *shape), requires_grad=False)
-    param.weight_loader = shard.load
-    return param
-
-
-def _pack_for_cpu(param: nn.Parameter, valid: int, transpose: bool) -> PackedMatrix | None:
-    """The first `valid` rows of `param` (transposed if asked) packed for oneDNN, with `param`
-    itself freed (dtype kept, shape [0, ...]); None, and `param` kept, where packing is not
-    available (CUDA, fp16, no vLLM CPU ops)."""
-    weight = param[:valid]
-    if not PackedMatrix.supported(weight):
-        return None
-    packed = PackedMatrix(weight.t() if transpose else weight)
-    param.data = param.data.new_empty((0, *param.shape[1:]))
-    return packed
-
-
-class ShardedHeadLinear(nn.Module):
-    """`head.0`: Linear(features -> Vh, no bias), rows split along the visual vocabulary.
-
-    On CPU its weight is packed for oneDNN after loading, as vLLM does for its own Linear
-    layers (and so for the built-in Ovis head)."""
-
-    def __init__(self, in_features: int, shard: VocabShard):
-        super().__init__()
-        self.shard = shard
-        self.weight = _sharded_param(shard, in_features)
-        self.packed: PackedMatrix | None = None
-
-    def pack_for_cpu(self) -> None:
-        self.packed = _pack_for_cpu(self.weight, self.shard.valid, transpose=True)
-
-    @property
-    def weight_shape(self) -> tuple[int, int]:
-        """[rows, in_features] held by this rank, packed or not."""
-        return (self.packed.shape[1], self.packed.shape[0]) if self.packed else tuple(self.weight.shape)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return self.packed.matmul(features)
-        return F.linear(features, self.weight[: self.shard.valid])
-
-
-class ShardedLayerNorm(nn.Module):
-    """`head.1`: the LayerNorm's weight and bias over this rank's columns. It is applied inside
-    the visual-embedding kernel, with statistics over the whole row."""
-
-    def __init__(self, shard: VocabShard, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = _sharded_param(shard)
-        self.bias = _sharded_param(shard)
-
-
-class ShardedVTE(nn.Module):
-    """`vte.weight` [V, D]: the softmax rows [0, Vh) split like the head, the 5 indicator rows
-    [Vh, V) (plain look-ups) on every rank."""
-
-    def __init__(self, shard: VocabShard, vocab: int, hidden: int):
-        super().__init__()
-        self.shard = shard
-        self.rows = _sharded_param(shard, hidden)
-        self.indicators = nn.Parameter(torch.empty(NUM_INDICATORS, hidden), requires_grad=False)
-        self.vocab = vocab
-        self.packed: PackedMatrix | None = None
-
-    def pack_for_cpu(self) -> None:
-        """Single rank on CPU: the softmax rows go to oneDNN once (kernels.PackedMatrix), the
-        chunked CPU path multiplies by them. (The tensor-parallel pieces keep the tensor.)"""
-        self.packed = _pack_for_cpu(self.rows, self.shard.valid, transpose=False)
-
-    @property
-    def table(self) -> "torch.Tensor | PackedMatrix":
-        """The rank's Vh softmax rows, as the visual-embedding kernel takes them."""
-        return self.packed if self.packed is not None else self.rows[: self.shard.valid]
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        for name, tensor in weights:
-            assert name == "weight" and tensor.shape[0] == self.vocab, (name, tensor.shape)
-            self.shard.load(self.rows, tensor[: self.vocab - NUM_INDICATORS])
-            self.indicators.data.copy_(tensor[self.vocab - NUM_INDICATORS:])
-        return {"rows", "indicators"}
+def check_llm_only_lora(module_names) -> None:
+    """LoRA is applied to the LLM only (as in vLLM), so an adapter of anything else is refused
+    rather than half served."""
+    visual = sorted(name for name in module_names if not name.startswith("llm."))
+    if visual:
+        shown = ", ".join(visual[:6]) + (f" and {len(visual) - 6} more" if len(visual) > 6 else "")
+        raise ValueError(
+            f"this LoRA adapter also adapts {len(visual)} module(s) outside the LLM ({shown}); "
+            "only the LLM's linear layers take LoRA here (as in vLLM), so it would be served "
+            "without them. Train with the vision tower and aligner frozen (ms-swift's default "
+            "--freeze_vit true --freeze_aligner true), or merge the adapter into the checkpoint "
+            "and serve that")
 
 
 class OvisVisualTokenizer(nn.Module):
@@ -186,7 +65,7 @@ class OvisVisualTokenizer(nn.Module):
     The LayerNorm (`head.1`) is applied inside the visual-embedding kernel, fused with the
     softmax and the VTE product."""
 
-    def __init__(self, config, shard: VocabShard, prefix: str = ""):
+    def __init__(self, config, visual_vocab: VisualVocabulary, prefix: str = ""):
         super().__init__()
         self.hidden_stride = config.hidden_stride
         # Ovis reads hidden_states[-1]: the last encoder layer BEFORE the backbone's final norm
@@ -197,7 +76,7 @@ class OvisVisualTokenizer(nn.Module):
         self.backbone = backbone(config.backbone_config, None, require_post_norm=False,
                                  prefix=maybe_prefix(prefix, "backbone"))
         in_features = config.backbone_config.hidden_size * self.hidden_stride**2
-        self.head = nn.Sequential(ShardedHeadLinear(in_features, shard), ShardedLayerNorm(shard))
+        self.head = visual_vocab.make_head(in_features)
 
     def merge_patches(self, features: torch.Tensor) -> torch.Tensor:
         """[n, g*g, d] -> [n, (G/s)^2, s*s*d]: zero-pad the g x g patch grid to a multiple G of the
@@ -268,36 +147,18 @@ class Ovis(nn.Module, SupportsMultiModal, SupportsPP, SupportsLoRA):
         # (vllm-project/vllm issues 29955 and 51594).
         self.llm.embedding_modules = {}
         vocab = config.visual_tokenizer_config.vocab_size
-        self.tp_rank, self.tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
-        # Every rank holds 1/tp of the head and the VTE (vLLM's built-in replicates both).
-        self.shards = [VocabShard.of(vocab - NUM_INDICATORS, r, self.tp_size) for r in range(self.tp_size)]
-        if self.shards[-1].valid == 0:
-            raise ValueError(f"visual vocabulary {vocab} is too small for {self.tp_size} ranks")
-        shard = self.shards[self.tp_rank]
+        self.visual_vocab = VisualVocabulary(vllm_config, vocab, NUM_INDICATORS)
         with self._mark_tower_model(vllm_config, "image"):
             self.visual_tokenizer = OvisVisualTokenizer(
-                config.visual_tokenizer_config, shard, prefix=maybe_prefix(prefix, "visual_tokenizer"))
-            self.vte = ShardedVTE(shard, vocab, config.hidden_size)
+                config.visual_tokenizer_config, self.visual_vocab,
+                prefix=maybe_prefix(prefix, "visual_tokenizer"))
+            self.vte = self.visual_vocab.make_vte(config.hidden_size)
         self.make_empty_intermediate_tensors = self.llm.make_empty_intermediate_tensors
-        self.visual_embed_impl, self.visual_embed_chunk_mb = visual_embed_options(vllm_config)
-
-    def _crop_embeddings(self, logits: torch.Tensor) -> torch.Tensor:
-        """softmax(LayerNorm(logits)) @ VTE rows for this rank's logits [N, shard.size]."""
-        ln, shard = self.visual_tokenizer.head[1], self.shards[self.tp_rank]
-        x, w, b = logits[:, :shard.valid], ln.weight[:shard.valid], ln.bias[:shard.valid]
-        if self.tp_size == 1:
-            return visual_embedding(x, w, b, self.vte.table, ln.eps, impl=self.visual_embed_impl,
-                                    chunk_mb=self.visual_embed_chunk_mb)
-        return vocab_parallel_visual_embedding(
-            x, w, b, self.vte.rows[:shard.valid], ln.eps,
-            widths=[s.valid for s in self.shards], rank=self.tp_rank,
-            all_gather=lambda t: tensor_model_parallel_all_gather(t, dim=-1),
-            all_reduce=tensor_model_parallel_all_reduce, chunk_mb=self.visual_embed_chunk_mb)
 
     def _image_embeddings(self, logits: torch.Tensor, grids: list[tuple[int, int]]) -> list[torch.Tensor]:
         """Lay out indicators and crop embeddings per image, scaled like the LLM's text rows."""
         vocab, per_crop = self.vte.vocab, logits.shape[1]
-        crop_embeds = self._crop_embeddings(logits.flatten(0, 1))
+        crop_embeds = self.visual_vocab.embed(logits.flatten(0, 1), self.visual_tokenizer.head, self.vte)
         # One table holding every crop token's embedding followed by the 5 indicator rows, so an
         # image is a single gather in the reference order.
         table = torch.cat([crop_embeds, self.vte.indicators])
@@ -322,17 +183,8 @@ class Ovis(nn.Module, SupportsMultiModal, SupportsPP, SupportsLoRA):
                                                 tower_model="visual_tokenizer.backbone")
 
     def check_lora_modules(self, module_names) -> None:
-        """Called by engine/lora.py with the modules an adapter adapts: LoRA is applied to the
-        LLM only, so an adapter of anything else is refused rather than half served."""
-        visual = sorted(name for name in module_names if not name.startswith("llm."))
-        if visual:
-            shown = ", ".join(visual[:6]) + (f" and {len(visual) - 6} more" if len(visual) > 6 else "")
-            raise ValueError(
-                f"this LoRA adapter also adapts {len(visual)} module(s) outside the LLM ({shown}); "
-                "only the LLM's linear layers take LoRA here (as in vLLM), so it would be served "
-                "without them. Train with the vision tower and aligner frozen (ms-swift's default "
-                "--freeze_vit true --freeze_aligner true), or merge the adapter into the checkpoint "
-                "and serve that")
+        """Called by engine/lora.py with the modules an adapter adapts."""
+        check_llm_only_lora(module_names)
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         pixel_values, grids = kwargs.get("pixel_values"), kwargs.get("grids")
@@ -358,29 +210,11 @@ class Ovis(nn.Module, SupportsMultiModal, SupportsPP, SupportsLoRA):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loaded = AutoWeightsLoader(self).load_weights(weights)
-        self.visual_tokenizer.head[0].pack_for_cpu()
-        if self.tp_size == 1 and self.visual_embed_impl in ("auto", "chunked"):
-            self.vte.pack_for_cpu()
-        if self.tp_rank == 0:
+        self.visual_vocab.pack_for_cpu(self.visual_tokenizer.head, self.vte)
+        if self.visual_vocab.tp_rank == 0:
             logger.info("Ovis visual embedding: %s", self.visual_embedding_paths())
         return loaded
 
     def visual_embedding_paths(self) -> str:
         """Which visual-embedding path and GEMMs this model runs, and why (logged at load)."""
-        dtype, device = self.vte.indicators.dtype, self.vte.indicators.device
-        impl = self.visual_embed_impl
-        if impl == "unfused":
-            path = "vLLM's unfused way (ovis_visual_embed=unfused)"
-        elif self.tp_size > 1:
-            path = f"vocabulary-parallel over {self.tp_size} ranks"
-        elif impl == "triton" or (impl == "auto" and device.type == "cuda"):
-            path = "fused Triton kernels"
-        else:
-            path = "chunked CPU path"
-        if device.type != "cpu":
-            return f"{path}, {dtype}"
-        head_gemm = "oneDNN, packed" if self.visual_tokenizer.head[0].packed is not None else "torch"
-        vte_gemm = "oneDNN, packed" if self.vte.packed is not None else "torch"
-        why = onednn_unavailable(dtype)
-        return (f"{path}, {dtype}; head GEMM on {head_gemm}, VTE product on {vte_gemm}"
-                + (f" ({why})" if why else ""))
+        return self.visual_vocab.paths(self.visual_tokenizer.head, self.vte)

@@ -19,21 +19,25 @@ from __future__ import annotations
 
 from vllm.renderers.hf import HfRenderer
 
-from . import OVIS_ARCHITECTURE
-from .members import image_pad_id, member_of
+from .members import OVIS2_5_ARCHITECTURES, OVIS_ARCHITECTURES, member_of, pad_token_id
 from .placeholders import IMAGE_TOKEN
 
+VIDEO_TOKEN = "<video>"
 
-def reference_token_ids(tokenizer, text: str, marker_id: int, pad_token: str) -> list[int]:
-    """The pieces of `text` between `<image>` markers, each tokenized on its own without special
-    tokens, with `marker_id` between pieces."""
-    pieces = text.split(IMAGE_TOKEN)
+
+def reference_token_ids(tokenizer, text: str, marker_id: int, pad_tokens: dict[str, int],
+                        marker: str = IMAGE_TOKEN) -> list[int]:
+    """The pieces of `text` between `marker`s, each tokenized on its own without special
+    tokens, with `marker_id` between pieces. `pad_tokens` (text -> id) may not appear as text."""
+    pieces = text.split(marker)
     encoded = tokenizer(pieces, add_special_tokens=False)["input_ids"]
     ids: list[int] = []
     for i, piece_ids in enumerate(encoded):
-        if marker_id in piece_ids:
-            raise ValueError(f"the prompt contains the image pad token {pad_token!r} as text; it "
-                             f"is reserved for image positions: mark images with {IMAGE_TOKEN}")
+        for pad_token, pad_id in pad_tokens.items():
+            if pad_id in piece_ids:
+                raise ValueError(f"the prompt contains the pad token {pad_token!r} as text; it is "
+                                 f"reserved for image and video positions: mark them with "
+                                 f"{IMAGE_TOKEN} or {VIDEO_TOKEN}")
         if i:
             ids.append(marker_id)
         ids.extend(piece_ids)
@@ -57,23 +61,33 @@ class OvisHfRenderer(HfRenderer):
         super().__init__(config, tokenizer)
         model_config = config.model_config
         member = None
-        if OVIS_ARCHITECTURE in (model_config.architectures or []) and self.tokenizer is not None:
+        ours = set(OVIS_ARCHITECTURES + OVIS2_5_ARCHITECTURES)
+        if ours & set(model_config.architectures or []) and self.tokenizer is not None:
             member = member_of(model_config.hf_config)
         self._ovis_member = member
-        self._ovis_pad_id = image_pad_id(self.tokenizer, member) if member else None
+        # marker -> (pad token, its id): <image> always, <video> where the member takes videos.
+        self._ovis_markers = {}
+        if member:
+            for marker, pad in ((IMAGE_TOKEN, member.image_pad_token), (VIDEO_TOKEN, member.video_pad_token)):
+                if pad is not None:
+                    self._ovis_markers[marker] = (pad, pad_token_id(self.tokenizer, member, pad))
         self._ovis_wrapping = special_token_wrapping(self.tokenizer) if member else None
 
     def _tokenize_prompt(self, prompt, params):
         text = prompt["prompt"]
-        has_images = bool(prompt.get("multi_modal_data"))
-        if self._ovis_member is None or not (has_images or IMAGE_TOKEN in text):
+        has_media = bool(prompt.get("multi_modal_data"))
+        found = [m for m in self._ovis_markers if m in text]
+        if self._ovis_member is None or not (has_media or found):
             return super()._tokenize_prompt(prompt, params)
-        if not has_images:
+        if not has_media:
             raise ValueError(
-                f"the prompt contains {IMAGE_TOKEN} but no image was given; each {IMAGE_TOKEN} "
-                "marks where an image goes (the reference model refuses this prompt too)")
-        ids = reference_token_ids(self.tokenizer, text, self._ovis_pad_id,
-                                  self._ovis_member.image_pad_token)
+                f"the prompt contains {found[0]} but no {found[0][1:-1]} was given; each "
+                f"{found[0]} marks where one goes (the reference model refuses this prompt too)")
+        # As the reference's _tokenize_with_visual_placeholder: a prompt with <video> is split
+        # on <video> only.
+        marker = VIDEO_TOKEN if VIDEO_TOKEN in found else IMAGE_TOKEN
+        ids = reference_token_ids(self.tokenizer, text, self._ovis_markers[marker][1],
+                                  dict(self._ovis_markers.values()), marker)
         if params.add_special_tokens:
             # Chat prompts are tokenized without: the reference's template writes <bos> itself.
             prefix, suffix = self._ovis_wrapping

@@ -444,6 +444,37 @@ def build_qwen2_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
+# Qwen3 (Ovis2.5 / Ovis2.6): Qwen2.5's tokens plus four, and, as in the published
+# tokenizer_config.json, only the first 14 added tokens special (<tool_call>, <think> and the rest
+# are added tokens that decoding keeps).
+QWEN3_ADDED_TOKENS = QWEN2_SPECIAL_TOKENS + ["<tool_response>", "</tool_response>", "<think>", "</think>"]
+QWEN3_NUM_SPECIAL = 14  # <|endoftext|> 151643 ... <|video_pad|> 151656
+
+
+def build_qwen3_tokenizer(chat_template: str) -> PreTrainedTokenizerFast:
+    """A Qwen3-kind tokenizer of 151669 entries (ids up to </think> = 151668), with the
+    checkpoint's chat template."""
+    pieces, merges = _byte_level_learned(_qwen2_pre_tokenizer(), _qwen2_corpus(),
+                                         QWEN3_ADDED_TOKENS, normalizers.NFC())
+    vocab = _byte_level_vocab(pieces, QWEN2_FIRST_SPECIAL_ID, (">\n", ">D", " <", ":<"))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=list(merges), fuse_unk=False,
+                               byte_fallback=False, dropout=None))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = _qwen2_pre_tokenizer()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_tokens([AddedToken(t, special=i < QWEN3_NUM_SPECIAL, normalized=False, lstrip=False,
+                               rstrip=False, single_word=False)
+                    for i, t in enumerate(QWEN3_ADDED_TOKENS)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=QWEN3_ADDED_TOKENS[1:QWEN3_NUM_SPECIAL],
+        clean_up_tokenization_spaces=False, model_max_length=131072, chat_template=chat_template,
+    )
+    assert len(fast) == QWEN2_FIRST_SPECIAL_ID + len(QWEN3_ADDED_TOKENS)
+    return fast
+
+
 # ---- the `tiny` preset's tokenizer --------------------------------------------------------------
 def build_bytelevel_image_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     """The `tiny` preset's tokenizer: byte-level BPE with Gemma's special tokens at Gemma's ids.

@@ -11,14 +11,16 @@ defaults fill in only what was not given:
   random weights, generated on first use and cached under ~/.cache/ovis-vllm);
 - `--chat-template`: the reference's conversation format of the checkpoint's member
   (engine/members.py): Gemma (no system role), Llama 3 or Qwen (the reference's default system
-  prompt when a request has none);
+  prompt when a request has none); Ovis2.5/2.6 keep the checkpoint's own template, which is
+  the reference's;
 - `--max-model-len`: the checkpoint's `multimodal_max_length` when the LLM allows more (the
-  reference never sees longer sequences); logged;
+  reference never sees longer sequences); logged (Ovis1.6/2: Ovis2.5's code never reads one);
 - a checkpoint vLLM's CPU backend cannot run on this CPU (GPTQ without AVX-512) is refused at
   start with the reason (engine/cpu_support.py), where vLLM alone fails at the first request;
   bf16 on a CPU without AVX-512 is served, with a warning that --dtype float32 is ~200x faster;
-- `--limit-mm-per-prompt {"image": 8}` on the checkpoints this plugin implements (any other
-  checkpoint keeps vLLM's own limits, so serving it here is never more restrictive);
+- `--limit-mm-per-prompt {"image": 8}` on the Ovis1.6/2 checkpoints this plugin implements; Ovis2.5/
+  2.6 and any other checkpoint keep vLLM's own limits (Ovis2.5: any number of images or one
+  video, as the reference), so serving them here is never more restrictive;
 - on a machine without CUDA: `--gpu-memory-utilization 0.5` and VLLM_CPU_KVCACHE_SPACE=4 (GiB);
 - images from `image_url` parts are decoded as the reference sees them and fetched under a URL
   policy (engine/media.py);
@@ -219,17 +221,19 @@ def slow_bf16_warning(argv: list[str], config) -> str | None:
 def _checkpoint_defaults(argv: list[str], system_prompt: str) -> tuple[list[str], object]:
     """Chat template and max model length from the served checkpoint's member row; returns the
     argv and the member (None for a checkpoint this plugin does not implement)."""
-    from ovis_vllm.engine import OVIS_ARCHITECTURE
+    from ovis_vllm.engine.configs import register_configs
     from ovis_vllm.engine.cpu_support import cpu_cannot_serve
-    from ovis_vllm.engine.members import member_of
+    from ovis_vllm.engine.members import OVIS2_5_ARCHITECTURES, OVIS_ARCHITECTURES, member_of
 
+    register_configs()  # Ovis2.5/2.6 configs without remote code, as in vLLM's processes
     config = load_checkpoint_config(argv)
     if config is not None and (reason := cpu_cannot_serve(config)):
         raise SystemExit(reason)
     if config is not None and (warning := slow_bf16_warning(argv, config)):
         logger.warning(warning)
+    ours = set(OVIS_ARCHITECTURES + OVIS2_5_ARCHITECTURES)
     member = member_of(config) if config is not None and \
-        OVIS_ARCHITECTURE in (getattr(config, "architectures", None) or []) else None
+        ours & set(getattr(config, "architectures", None) or []) else None
     if member is None:
         if system_prompt == "merge":
             raise SystemExit("--system-prompt merge applies to Ovis1.6-Gemma2 checkpoints only")
@@ -238,12 +242,14 @@ def _checkpoint_defaults(argv: list[str], system_prompt: str) -> tuple[list[str]
     if system_prompt == "merge" and conversation.system_merge_template is None:
         raise SystemExit(f"--system-prompt merge is for conversation formats without a system "
                          f"role; {member.name} has one")
-    if not _given(argv, "--chat-template"):
-        template = conversation.system_merge_template if system_prompt == "merge" \
-            else conversation.chat_template
+    template = conversation.system_merge_template if system_prompt == "merge" \
+        else conversation.chat_template
+    if template is not None and not _given(argv, "--chat-template"):
         argv += ["--chat-template", template]
     llm_max = getattr(config.get_text_config(), "max_position_embeddings", None)
-    mm_max = config.multimodal_max_length
+    mm_max = getattr(config, "multimodal_max_length", None)
+    if mm_max is None:  # Ovis2.5/2.6: no cap in the reference's code
+        return argv, member
     given = _value(argv, "--max-model-len")
     if given is not None and given.isdigit() and int(given) > mm_max:
         raise SystemExit(f"--max-model-len {given} exceeds this checkpoint's multimodal_max_length "
@@ -314,7 +320,7 @@ def build_argv(argv: list[str]) -> list[str]:
         if not _given(argv, "--served-model-name"):
             argv += ["--served-model-name", DEFAULT_SERVED_NAME]
     argv, member = _checkpoint_defaults(argv, system_prompt)
-    if member is not None and not _given(argv, "--limit-mm-per-prompt"):
+    if member is not None and "Ovis" in member.architectures and not _given(argv, "--limit-mm-per-prompt"):
         argv += ["--limit-mm-per-prompt", json.dumps({"image": DEFAULT_IMAGE_LIMIT})]
     if not _has_cuda():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")

@@ -2,9 +2,13 @@
 
     VLLM_PLUGINS=none python -m tests.builtin_runner SPEC.json OUT.json
 
-SPEC: [{"model": path, "cases": [{"prompt": str, "images": [png paths]}]}, ...], one engine per
-model, one after another. OUT: one {"model_class", "results"} per model. A case that the built-in
-rejects gets {"error": message} instead of results. Runs in its own process because plugins are
+SPEC: [{"model": path, "architecture": "Ovis" (default) | "Ovis2_5" | ..., "cases": [{"prompt":
+str, "images": [png paths], "mm_kwargs": {...} (optional)}]}, ...], one engine per model, one after
+another. Images are opened as stored (an RGBA png stays RGBA: vLLM converts it as it does for any
+model). OUT: one {"model_class", "results"} per model. A case that the built-in rejects gets
+{"error": message} instead of results. Ovis2.5 checkpoints need a config class, which vLLM alone
+takes from the checkpoint's remote code: here it gets ours (engine/configs.py, the same keys and
+defaults), the plugin itself staying off. Runs in its own process because plugins are
 loaded once per process and our plugin would otherwise replace the built-in.
 """
 
@@ -19,14 +23,17 @@ def run_model(spec: dict) -> dict:
     from PIL import Image
     from vllm import LLM, ModelRegistry, SamplingParams
 
+    from ovis_vllm.engine.configs import register_configs
+
+    register_configs()
     llm = LLM(model=spec["model"], dtype="float32", enforce_eager=True, gpu_memory_utilization=0.5,
               max_model_len=8192, limit_mm_per_prompt={"image": 4}, seed=0)
-    model_cls = ModelRegistry._try_load_model_cls("Ovis")
+    model_cls = ModelRegistry._try_load_model_cls(spec.get("architecture", "Ovis"))
     params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)
     results = []
     for case in spec["cases"]:
-        images = [Image.open(p).convert("RGB") for p in case["images"]]
-        request = {"prompt": case["prompt"]}
+        images = [Image.open(p) for p in case["images"]]
+        request = {"prompt": case["prompt"], "mm_processor_kwargs": case.get("mm_kwargs", {})}
         if images:
             request["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
         try:

@@ -175,6 +175,18 @@ def assert_parity(out, reference, turns, images, atol=PROMPT_LOGPROB_ATOL, tie_g
     return max(diffs)
 
 
+def served_output(reply):
+    """A chat reply with vLLM's `return_token_ids` and `prompt_logprobs`, shaped as the offline
+    output that assert_parity reads."""
+    from types import SimpleNamespace
+
+    extra = reply.model_extra
+    logprobs = [None if p is None else {int(t): SimpleNamespace(logprob=v["logprob"]) for t, v in p.items()}
+                for p in extra["prompt_logprobs"]]
+    return SimpleNamespace(prompt_token_ids=extra["prompt_token_ids"], prompt_logprobs=logprobs,
+                           outputs=[SimpleNamespace(token_ids=reply.choices[0].model_extra["token_ids"])])
+
+
 def tokens(outs):
     return [list(o.outputs[0].token_ids) for o in outs]
 

@@ -73,7 +73,7 @@ def test_avx2_isa_limit_leaves_bf16_to_torch():
 def test_unpacked_fallback_computes_the_same(monkeypatch):
     """With the capability check answering no, the head and VTE keep their tensors and give
     what the packed path gives (fp32: packed and torch GEMMs differ in summation order only)."""
-    from ovis_vllm.engine.model import ShardedHeadLinear, ShardedVTE, VocabShard
+    from ovis_vllm.engine.visual_vocab import ShardedHeadLinear, ShardedVTE, VocabShard
 
     g = torch.Generator().manual_seed(SEED)
     vocab, features, hidden = 301, 48, 40
@@ -83,7 +83,7 @@ def test_unpacked_fallback_computes_the_same(monkeypatch):
     x = torch.randn(7, features, generator=g)
 
     def build():
-        head, vte = ShardedHeadLinear(features, shard), ShardedVTE(shard, vocab, hidden)
+        head, vte = ShardedHeadLinear(features, shard), ShardedVTE(shard, vocab, hidden, kernels.NUM_INDICATORS)
         head.weight.data.copy_(head_weight)
         vte.load_weights([("weight", vte_weight)])
         head.pack_for_cpu()

@@ -59,7 +59,7 @@ def chunked_llm(tiny_checkpoint):
 
 
 def visual_embed_settings(model):  # module level: it is pickled to the worker
-    return model.visual_embed_impl, model.visual_embed_chunk_mb
+    return model.visual_vocab.impl, model.visual_vocab.chunk_mb
 
 
 def test_chunked_prefill_smaller_than_an_image(llm, chunked_llm, reference):
@@ -160,7 +160,7 @@ def test_cpu_engine_packs_head_and_vte_for_onednn(llm):
 def test_visual_embed_options_are_checked_at_start_up(extra, message):
     from types import SimpleNamespace
 
-    from ovis_vllm.engine.model import visual_embed_options
+    from ovis_vllm.engine.visual_vocab import visual_embed_options
 
     assert visual_embed_options(SimpleNamespace(additional_config={})) == ("auto", 64.0)
     assert visual_embed_options(SimpleNamespace(additional_config={

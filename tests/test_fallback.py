@@ -94,3 +94,31 @@ def test_fallback_log_line_names_the_differences(unlisted):
     message = builtin_fallback_message(json.loads((path / "config.json").read_text()))
     assert "siglip_visual_tokenizer" in message and "qwen2" in message
     assert "reversed order" in message and "different crop grids" in message
+
+
+def test_unlisted_ovis2_5_checkpoint_is_served_by_vllms_builtin(tmp_path, capfd):
+    """An "Ovis2_5" checkpoint with no member row (a Qwen2 LLM, which no release has) is built as
+    vLLM's built-in Ovis2_5, with one warning naming why, and answers an image prompt; our config
+    class reads it without remote code."""
+    from vllm import SamplingParams
+
+    from ovis_vllm.engine.checkpoint import write_checkpoint
+    from ovis_vllm.engine.preprocess_navit import smart_resize
+
+    path = write_checkpoint(tmp_path / "ovis2.5-qwen2", "ovis2.5-2b", seed=SEED, llm="qwen2")
+    config = json.loads((path / "config.json").read_text())
+    assert member_of(config) is None
+    engine = make_llm(path, max_num_seqs=2, limit_mm_per_prompt={"image": 1})
+    try:
+        assert engine.apply_model(model_class) == ["vllm.model_executor.models.ovis2_5.Ovis2_5"]
+        prompt = "<|im_start|>user\n<image>\nDescribe.<|im_end|>\n<|im_start|>assistant\n"
+        [out] = engine.generate([{"prompt": prompt, "multi_modal_data": {"image": rand_image(96, 64, 1)}}],
+                                SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
+        assert len(out.outputs[0].token_ids) == 3
+        height, width = smart_resize(64, 96, 32, 448 * 448, 1792 * 1792)
+        pads = out.prompt_token_ids.count(engine.get_tokenizer().convert_tokens_to_ids("<|image_pad|>"))
+        assert pads == height * width // 32**2 + 2  # the built-in placed the image
+    finally:
+        shutdown(engine)
+    logs = capfd.readouterr()
+    assert (logs.out + logs.err).count("This Ovis2.5/2.6 checkpoint (vision tower siglip2_navit, LLM qwen2)") >= 1

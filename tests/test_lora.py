@@ -32,6 +32,7 @@ from tests.helpers import (
     rand_image,
     run_engine,
     running_server,
+    served_output,
     shutdown,
 )
 from tests.ovis_reference import ReferenceOvis
@@ -203,16 +204,6 @@ def _messages(turns, images):
     return [{"role": "user", "content": content + [{"type": "text", "text": text.replace("<image>\n", "")}]}]
 
 
-def _served(reply):
-    """A chat reply with vLLM's `return_token_ids` and `prompt_logprobs`, as the offline output
-    that assert_parity reads."""
-    extra = reply.model_extra
-    logprobs = [None if p is None else {int(t): SimpleNamespace(logprob=v["logprob"]) for t, v in p.items()}
-                for p in extra["prompt_logprobs"]]
-    return SimpleNamespace(prompt_token_ids=extra["prompt_token_ids"], prompt_logprobs=logprobs,
-                           outputs=[SimpleNamespace(token_ids=reply.choices[0].model_extra["token_ids"])])
-
-
 def _load(base, name, path):
     return httpx.post(base + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)},
                       timeout=120)
@@ -238,7 +229,7 @@ def test_adapters_by_name_at_once_through_the_api(lora_server, llama):
     replies = asyncio.run(_ask_all(lora_server, list(references) * 2, turns, images))
     for reply, (name, ref) in zip(replies, list(references.items()) * 2):
         assert reply.model == name
-        assert_parity(_served(reply), ref, turns, images)
+        assert_parity(served_output(reply), ref, turns, images)
 
 
 def test_unloaded_adapter_is_a_404_and_others_keep_serving(lora_server, llama):

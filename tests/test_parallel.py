@@ -43,7 +43,7 @@ def tp2_llm(tiny_checkpoint):
 
 def shard_shapes(model):  # module level: it is pickled to the workers
     return (tuple(model.vte.rows.shape), model.visual_tokenizer.head[0].weight_shape,
-            model.shards[model.tp_rank].valid)
+            model.visual_vocab.shard.valid)
 
 
 def test_each_rank_holds_its_vocabulary_slice(tp2_llm, tiny_checkpoint):

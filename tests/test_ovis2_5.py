@@ -1,0 +1,235 @@
+"""Ovis2.5 and Ovis2.6 against the independent reference (tests/ovis25_reference.py), in fp32.
+
+One generated checkpoint per preset (engine/checkpoint_ovis2_5.py, mirroring the published files at
+small widths: Qwen3 tokenizer without `<image>`, the checkpoint's chat template, bilinear SigLIP
+preprocessor config), one engine each, every case of a preset in one batch. Prompts are the
+checkpoint's chat template rendered with thinking off (the reference's chat() default); the
+reference tokenizes them its way and splices its visual atoms in. Checked: the expanded prompt
+(pad ids exactly at the reference's visual positions), every prompt log-probability within 2e-4,
+greedy tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import SEED
+from tests.helpers import GREEDY_TIE_GAP, MAX_NEW_TOKENS, PROMPT_LOGPROB_ATOL, make_llm, rand_image, shutdown
+from tests.ovis25_reference import ReferenceOvis25, content_items
+
+LIMITS = {"image": 4, "video": 1}
+
+
+def _engine(tmp_path_factory, preset: str, **kwargs):
+    from ovis_vllm.engine.checkpoint import write_checkpoint
+
+    path = write_checkpoint(tmp_path_factory.mktemp(preset), preset, seed=SEED)
+    return path, make_llm(path, max_num_seqs=16, limit_mm_per_prompt=LIMITS, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def ovis25(tmp_path_factory):
+    path, engine = _engine(tmp_path_factory, "ovis2.5-2b")
+    yield engine, ReferenceOvis25(path)
+    shutdown(engine)
+
+
+def video_frames(seed: int, frames: int = 3) -> list:
+    # vLLM takes a video as one array, so its frames share a size (preprocessing frames of
+    # different sizes is checked in test_preprocess_matches_the_reference).
+    return [rand_image(320, 200, seed + i) for i in range(frames)]
+
+
+def case(text: str, images=(), video=None, **mm_kwargs) -> dict:
+    return {"text": text, "images": list(images), "video": video, "mm_kwargs": mm_kwargs}
+
+
+def run(engine, reference, cases, max_new_tokens=MAX_NEW_TOKENS):
+    """One batched generate over the cases, each rendered by the checkpoint's chat template."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=max_new_tokens, prompt_logprobs=1, logprobs=1)
+    requests = []
+    for c in cases:
+        c["turns"] = [("user", content_items(c["text"]))]
+        request = {"prompt": reference.render_chat(c["turns"])}
+        if c["images"]:
+            request["multi_modal_data"] = {"image": c["images"]}
+        if c["video"] is not None:
+            request["multi_modal_data"] = {"video": np.stack([np.asarray(f) for f in c["video"]])}
+        if c["mm_kwargs"]:
+            request["mm_processor_kwargs"] = c["mm_kwargs"]
+        requests.append(request)
+    return engine.generate(requests, params, use_tqdm=False)
+
+
+def assert_matches_reference(out, reference, c, atol=PROMPT_LOGPROB_ATOL):
+    pads = {reference.tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>")}
+    raw = reference.format_conversation(c["turns"])
+    embeds, ref_ids = reference.merged_embeddings(raw, c["images"], c["video"], **c["mm_kwargs"])
+    ids = list(out.prompt_token_ids)
+    assert len(ids) == len(ref_ids), (len(ids), len(ref_ids))
+    for i, (a, b) in enumerate(zip(ids, ref_ids)):
+        assert (a in pads) if b < 0 else (a == b), f"position {i}: engine {a}, reference {b}"
+    logprobs = torch.log_softmax(reference.logits(embeds), dim=-1)
+    diffs = [abs(out.prompt_logprobs[i][ids[i]].logprob - logprobs[i - 1, ids[i]].item())
+             for i in range(1, len(ids))]
+    assert max(diffs) < atol, f"max prompt logprob diff {max(diffs):.2e}"
+    got = list(out.outputs[0].token_ids)
+    want, step_logits = reference.greedy(embeds, len(got))
+    for k, (a, b) in enumerate(zip(got, want)):
+        if a != b:
+            top2 = step_logits[k].topk(2).values
+            assert (top2[0] - step_logits[k][a]).item() < GREEDY_TIE_GAP, f"greedy token {k}: {a} vs {b}"
+            break
+    return max(diffs)
+
+
+@pytest.mark.parametrize("size", [(500, 300), (10, 2000), (32, 1792), (4000, 3000), (17, 17)])
+def test_preprocess_matches_the_reference(tmp_path_factory, size):
+    """Patches and grid bit for bit, images and a video whose frames differ in size."""
+    from ovis_vllm.engine.checkpoint_ovis2_5 import PREPROCESSOR_CONFIG
+    from ovis_vllm.engine.preprocess_navit import preprocess_frames
+    from tests.ovis25_reference import reference_preprocess
+
+    image = rand_image(*size, SEED % 1000, mode="RGBA")
+    video = [image, rand_image(size[1] + 7, size[0] + 3, SEED % 1000 + 1)]
+    for frames in ([image], video):
+        kwargs = dict(min_pixels=448 * 448, max_pixels=1792 * 1792)
+        want, want_grid = reference_preprocess(image=frames[0] if len(frames) == 1 else None,
+                                               video=frames if len(frames) > 1 else None,
+                                               image_processor_config=PREPROCESSOR_CONFIG, **kwargs)
+        got, grid = preprocess_frames(frames, patch_size=16, hidden_stride=2, **kwargs)
+        assert tuple(want_grid[0].tolist()) == grid
+        assert torch.equal(got, want.float())
+
+
+def test_images_and_video_match_the_reference(ovis25):
+    engine, reference = ovis25
+    s = SEED % 1000
+    cases = [
+        case("<image>\nDescribe the image.", [rand_image(500, 300, s)]),
+        # Two sizes in one prompt, and extreme aspect ratios (56:1 both ways).
+        case("Compare <image> and <image> please.", [rand_image(333, 222, s + 1), rand_image(64, 900, s + 2)]),
+        case("<image> <image>", [rand_image(1792, 32, s + 3), rand_image(32, 1792, s + 4)]),
+        # Sides below 32 (scaled up first).
+        case("<image>\nTiny.", [rand_image(10, 600, s + 5)]),
+        # Transparency: the reference drops alpha (vLLM alone composites onto white).
+        case("<image>\nRGBA.", [rand_image(200, 150, s + 7, mode="RGBA")]),
+        # min/max pixels per request, at their edges: min == max, and a max below the image
+        # (scaled down to it; the default max, 1792*1792 = 3136 visual tokens, is the same path).
+        case("<image>\nBounds.", [rand_image(640, 480, s + 8)], min_pixels=256 * 256, max_pixels=256 * 256),
+        case("<image>\nBounds.", [rand_image(640, 480, s + 9)], min_pixels=32 * 32, max_pixels=100 * 100),
+        case("<video>\nWhat happens?", video=video_frames(s + 10)),
+        case("No image here, only text."),
+    ]
+    outs = run(engine, reference, cases)
+    diffs = [assert_matches_reference(out, reference, c) for out, c in zip(outs, cases)]
+    print("max prompt logprob diff per case:", [f"{d:.1e}" for d in diffs])
+    # The images moved the log-probabilities: the check can fail.
+    assert outs[0].prompt_logprobs[-1] != outs[5].prompt_logprobs[-1]
+
+
+def test_image_and_video_together_are_refused(ovis25):
+    engine, reference = ovis25
+    prompt = reference.render_chat([("user", content_items("<image> <video>"))])
+    frames = np.stack([np.asarray(rand_image(64, 64, 1))] * 2)
+    with pytest.raises(ValueError, match="images or one video"):
+        engine.generate({"prompt": prompt, "multi_modal_data": {"image": rand_image(64, 64, 0), "video": frames}},
+                        use_tqdm=False)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_pixels": 4000 * 4000}, "allow larger images"),
+    ({"min_pixels": 512 * 512, "max_pixels": 256 * 256}, "above max_pixels"),
+    ({"max_pixels": 0}, "integer >= 1"),
+    ({"max_partition": 4}, "unknown Ovis2.5 mm_processor_kwargs"),
+])
+def test_bad_pixel_bounds_are_refused(ovis25, kwargs, message):
+    engine, reference = ovis25
+    prompt = reference.render_chat([("user", content_items("<image>"))])
+    with pytest.raises(ValueError, match=message):
+        engine.generate({"prompt": prompt, "multi_modal_data": {"image": rand_image(64, 64, 0)},
+                         "mm_processor_kwargs": kwargs}, use_tqdm=False)
+
+
+@pytest.mark.parametrize("preset, parallel", [
+    ("ovis2.5-9b", {}),  # untied lm_head (Ovis2.6 dense is the server test's checkpoint)
+    # Ovis2.6-30B-A3B (Qwen3-MoE, no post_layernorm tensors) over 2 ranks with vLLM's expert
+    # parallelism: NaViT split by vLLM, head and VTE along the visual vocabulary, experts by rank.
+    ("ovis2.6-moe", {"tensor_parallel_size": 2, "enable_expert_parallel": True}),
+])
+def test_other_members_match_the_reference(tmp_path_factory, preset, parallel):
+    if parallel:
+        from ovis_vllm.engine.checkpoint import write_checkpoint
+        from tests.test_parallel import start_two_rank_engine
+
+        path = write_checkpoint(tmp_path_factory.mktemp(preset), preset, seed=SEED)
+        engine = start_two_rank_engine(path, limit_mm_per_prompt=LIMITS, **parallel)
+    else:
+        path, engine = _engine(tmp_path_factory, preset)
+    try:
+        reference = ReferenceOvis25(path)
+        s = SEED % 1000
+        cases = [case("<image>\nDescribe.", [rand_image(300, 200, s)]),
+                 case("<video>\nWhat happens?", video=video_frames(s + 1))]
+        for out, c in zip(run(engine, reference, cases), cases):
+            assert_matches_reference(out, reference, c)
+    finally:
+        shutdown(engine)
+
+
+def with_extra_token(path):
+    """The checkpoint with one token added to its tokenizer (151670 entries), as a fine-tune that
+    adds a token has it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.add_tokens(["<|my_fine_tune_token|>"], special_tokens=True)
+    tokenizer.save_pretrained(path)
+    assert len(tokenizer) == 151670
+    return path
+
+
+@pytest.fixture(scope="module")
+def ovis25_server(tmp_path_factory):
+    from ovis_vllm.engine.checkpoint import write_checkpoint
+    from tests.helpers import running_server
+
+    # Ovis2.6 dense (its own architecture name and model_type), with a tokenizer of one more token
+    # than the release's (vLLM's built-in dies on that: tests/test_builtin_differences_ovis2_5.py).
+    path = with_extra_token(write_checkpoint(tmp_path_factory.mktemp("ovis2.6-server"), "ovis2.6-2b",
+                                             seed=SEED + 1))
+    log = tmp_path_factory.mktemp("logs") / "server.log"
+    # No --trust-remote-code: our config classes read the checkpoint.
+    with running_server([str(path), "--dtype", "float32", "--max-num-seqs", "4", "--enforce-eager"],
+                        log) as base:
+        yield base, path, log
+
+
+def test_server_answers_the_reference_through_the_openai_client(ovis25_server):
+    """Ovis2.6 dense served by server.py. Chat with 9 images (vLLM alone allows that many; the plugin's Ovis1.6/2 cap of 8 does not
+    apply here) and a system turn, through the official client: the checkpoint's chat template,
+    vLLM's content handling and our renderer give the reference's prompt and log-probabilities."""
+    import openai
+
+    from tests.helpers import data_url, png_bytes, served_output
+
+    base, path, log = ovis25_server
+    reference = ReferenceOvis25(path)
+    images = [rand_image(64 + 16 * i, 96, SEED % 1000 + i) for i in range(9)]
+    content = [{"type": "text", "text": "Which of these differ?"}] + [
+        {"type": "image_url", "image_url": {"url": data_url(png_bytes(im))}} for im in images]
+    client = openai.OpenAI(base_url=base + "/v1", api_key="none")
+    reply = client.chat.completions.create(
+        model=str(path), max_tokens=4, temperature=0,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": content}],
+        extra_body={"prompt_logprobs": 1, "return_token_ids": True,
+                    "chat_template_kwargs": {"enable_thinking": False}})
+    turns = [("system", "Be brief."),
+             ("user", [{"type": "text", "text": "Which of these differ?"}] + [{"type": "image"}] * 9)]
+    assert_matches_reference(served_output(reply), reference,
+                             {"turns": turns, "images": images, "video": None, "mm_kwargs": {}})
+    assert "trust-remote-code" not in log.read_text()
