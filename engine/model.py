@@ -18,44 +18,24 @@ checkpoint's quantization applies to the LLM only.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from vllm.config import VllmConfig
-from vllm.logger import init_logger
 from vllm.model_executor.models import ovis as builtin_ovis
 from vllm.model_executor.models.aimv2 import AIMv2Model
-from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsLoRA, SupportsMultiModal, SupportsPP
-from vllm.model_executor.models.module_mapping import MultiModelKeys
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings
 from vllm.model_executor.models.siglip import SiglipVisionModel
-from vllm.model_executor.models.utils import AutoWeightsLoader, init_vllm_registered_model, maybe_prefix
+from vllm.model_executor.models.utils import init_vllm_registered_model, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.sequence import IntermediateTensors
 
 from .cpu_support import cpu_cannot_serve
-from .members import builtin_fallback_message, member_of
+from .members import member_of
+from .model_base import OvisModelBase
 from .placeholders import IMAGE_ATOM, IMAGE_TOKEN, NUM_INDICATORS, image_layout, indicator_vte_row
 from .processor import dummy_inputs_for, processing_info_for, processor_for
 from .visual_vocab import VisualVocabulary
-
-logger = init_logger(__name__)
-
-
-def check_llm_only_lora(module_names) -> None:
-    """LoRA is applied to the LLM only (as in vLLM), so an adapter of anything else is refused
-    rather than half served."""
-    visual = sorted(name for name in module_names if not name.startswith("llm."))
-    if visual:
-        shown = ", ".join(visual[:6]) + (f" and {len(visual) - 6} more" if len(visual) > 6 else "")
-        raise ValueError(
-            f"this LoRA adapter also adapts {len(visual)} module(s) outside the LLM ({shown}); "
-            "only the LLM's linear layers take LoRA here (as in vLLM), so it would be served "
-            "without them. Train with the vision tower and aligner frozen (ms-swift's default "
-            "--freeze_vit true --freeze_aligner true), or merge the adapter into the checkpoint "
-            "and serve that")
 
 
 class OvisVisualTokenizer(nn.Module):
@@ -97,21 +77,9 @@ class OvisVisualTokenizer(nn.Module):
 
 
 @MULTIMODAL_REGISTRY.register_processor(processor_for, info=processing_info_for, dummy_inputs=dummy_inputs_for)
-class Ovis(nn.Module, SupportsMultiModal, SupportsPP, SupportsLoRA):
-    # LoRA on the LLM's linear layers (Gemma2, Llama and Qwen2 fuse the same ones); vLLM applies
-    # none to the visual tokenizer, so adapters of it are refused (check_lora_modules).
-    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
-                              "gate_up_proj": ["gate_proj", "up_proj"]}
-
-    def __new__(cls, *, vllm_config: VllmConfig, prefix: str = ""):
-        config = vllm_config.model_config.hf_config
-        if member_of(config) is None:
-            if vllm_config.lora_config is not None:  # vLLM's own message would name our class
-                raise ValueError(builtin_fallback_message(config) + " vLLM's built-in Ovis has no "
-                                 "LoRA support: serve this checkpoint without --enable-lora.")
-            logger.warning(builtin_fallback_message(config))
-            return builtin_ovis.Ovis(vllm_config=vllm_config, prefix=prefix)
-        return super().__new__(cls)
+class Ovis(OvisModelBase):
+    builtin = builtin_ovis.Ovis
+    tower = "backbone"
 
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
@@ -178,14 +146,6 @@ class Ovis(nn.Module, SupportsMultiModal, SupportsPP, SupportsLoRA):
             images.append(table.index_select(0, rows))
         return images
 
-    def get_mm_mapping(self) -> MultiModelKeys:
-        return MultiModelKeys.from_string_field(language_model="llm", connector="visual_tokenizer.head",
-                                                tower_model="visual_tokenizer.backbone")
-
-    def check_lora_modules(self, module_names) -> None:
-        """Called by engine/lora.py with the modules an adapter adapts."""
-        check_llm_only_lora(module_names)
-
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         pixel_values, grids = kwargs.get("pixel_values"), kwargs.get("grids")
         if pixel_values is None:
@@ -196,25 +156,3 @@ class Ovis(nn.Module, SupportsMultiModal, SupportsPP, SupportsLoRA):
         dtype = self.vte.indicators.dtype
         logits = self.visual_tokenizer(pixel_values.to(dtype))
         return tuple(self._image_embeddings(logits, grids))
-
-    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
-                intermediate_tensors: IntermediateTensors | None = None,
-                inputs_embeds: torch.Tensor | None = None, **kwargs: object):
-        if intermediate_tensors is not None:
-            inputs_embeds = None
-        return self.llm(input_ids=input_ids, positions=positions,
-                        intermediate_tensors=intermediate_tensors, inputs_embeds=inputs_embeds)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.llm.compute_logits(hidden_states)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        loaded = AutoWeightsLoader(self).load_weights(weights)
-        self.visual_vocab.pack_for_cpu(self.visual_tokenizer.head, self.vte)
-        if self.visual_vocab.tp_rank == 0:
-            logger.info("Ovis visual embedding: %s", self.visual_embedding_paths())
-        return loaded
-
-    def visual_embedding_paths(self) -> str:
-        """Which visual-embedding path and GEMMs this model runs, and why (logged at load)."""
-        return self.visual_vocab.paths(self.visual_tokenizer.head, self.vte)

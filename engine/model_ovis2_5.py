@@ -17,24 +17,18 @@ with no member row (engine/members.py) is built as vLLM's built-in Ovis2_5, with
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import nn
 
 from vllm.config import VllmConfig
-from vllm.logger import init_logger
 from vllm.model_executor.models import ovis2_5 as builtin_ovis2_5
-from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsLoRA, SupportsMultiModal, SupportsPP
-from vllm.model_executor.models.module_mapping import MultiModelKeys
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings
 from vllm.model_executor.models.siglip2navit import Siglip2NavitModel
-from vllm.model_executor.models.utils import AutoWeightsLoader, init_vllm_registered_model, maybe_prefix
+from vllm.model_executor.models.utils import init_vllm_registered_model, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.sequence import IntermediateTensors
 
 from .cpu_support import cpu_cannot_serve
-from .members import builtin_fallback_message, member_of
-from .model import check_llm_only_lora
+from .model_base import OvisModelBase
 from .processor_ovis2_5 import (
     IMAGE_TOKEN,
     NUM_INDICATORS,
@@ -45,8 +39,6 @@ from .processor_ovis2_5 import (
     processor_for,
 )
 from .visual_vocab import VisualVocabulary
-
-logger = init_logger(__name__)
 
 
 class NavitVisualTokenizer(nn.Module):
@@ -59,8 +51,7 @@ class NavitVisualTokenizer(nn.Module):
         # Unquantized, as in every release; the reference reads hidden_states[-1], the last layer
         # before post_layernorm, which is what vLLM's module returns.
         self.vit = Siglip2NavitModel(vit_config, quant_config=None, prefix=maybe_prefix(prefix, "vit"))
-        # Never applied (vLLM's module builds it, and Ovis2.6-30B-A3B ships no weights for it).
-        del self.vit.vision_model.post_layernorm
+        del self.vit.vision_model.post_layernorm  # never applied (Ovis2_5.unused_weights)
         self.head = visual_vocab.make_head(vit_config.hidden_size * self.merged)
 
     def forward(self, pixel_values: torch.Tensor, grid_thws: torch.Tensor) -> torch.Tensor:
@@ -69,19 +60,11 @@ class NavitVisualTokenizer(nn.Module):
 
 
 @MULTIMODAL_REGISTRY.register_processor(processor_for, info=processing_info_for, dummy_inputs=dummy_inputs_for)
-class Ovis2_5(nn.Module, SupportsMultiModal, SupportsPP, SupportsLoRA):
-    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
-                              "gate_up_proj": ["gate_proj", "up_proj"]}
-
-    def __new__(cls, *, vllm_config: VllmConfig, prefix: str = ""):
-        config = vllm_config.model_config.hf_config
-        if member_of(config) is None:
-            if vllm_config.lora_config is not None:
-                raise ValueError(builtin_fallback_message(config) + " vLLM's built-in Ovis2_5 has "
-                                 "no LoRA support: serve this checkpoint without --enable-lora.")
-            logger.warning(builtin_fallback_message(config))
-            return builtin_ovis2_5.Ovis2_5(vllm_config=vllm_config, prefix=prefix)
-        return super().__new__(cls)
+class Ovis2_5(OvisModelBase):
+    builtin = builtin_ovis2_5.Ovis2_5
+    tower = "vit"
+    # Never applied by the reference (vLLM's module builds it; Ovis2.6-30B-A3B ships none).
+    unused_weights = ("visual_tokenizer.vit.vision_model.post_layernorm.",)
 
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
@@ -129,32 +112,3 @@ class Ovis2_5(nn.Module, SupportsMultiModal, SupportsPP, SupportsLoRA):
             embeddings += self._visual_embeddings(kwargs["video_pixel_values"], kwargs["video_grids"],
                                                   video=True)
         return tuple(embeddings)
-
-    def get_mm_mapping(self) -> MultiModelKeys:
-        return MultiModelKeys.from_string_field(language_model="llm", connector="visual_tokenizer.head",
-                                                tower_model="visual_tokenizer.vit")
-
-    def check_lora_modules(self, module_names) -> None:
-        check_llm_only_lora(module_names)
-
-    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
-                intermediate_tensors: IntermediateTensors | None = None,
-                inputs_embeds: torch.Tensor | None = None, **kwargs: object):
-        if intermediate_tensors is not None:
-            inputs_embeds = None
-        return self.llm(input_ids=input_ids, positions=positions,
-                        intermediate_tensors=intermediate_tensors, inputs_embeds=inputs_embeds)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.llm.compute_logits(hidden_states)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        unused = "visual_tokenizer.vit.vision_model.post_layernorm."
-        loaded = AutoWeightsLoader(self).load_weights((n, t) for n, t in weights if not n.startswith(unused))
-        self.visual_vocab.pack_for_cpu(self.visual_tokenizer.head, self.vte)
-        if self.visual_vocab.tp_rank == 0:
-            logger.info("Ovis2.5 visual embedding: %s", self.visual_embedding_paths())
-        return loaded
-
-    def visual_embedding_paths(self) -> str:
-        return self.visual_vocab.paths(self.visual_tokenizer.head, self.vte)

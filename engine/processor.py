@@ -251,22 +251,25 @@ class OvisMultiModalProcessor(BaseMultiModalProcessor[OvisProcessingInfo]):
         return [PromptReplacement(modality="image", target=[pad_id], replacement=replacement)]
 
 
-# vLLM builds the processor of the registered "Ovis" class through these three factories. A
-# checkpoint without a member row (engine/members.py) gets vLLM's built-in processor, to go with
-# the built-in model that engine/model.py builds for it.
-def processing_info_for(ctx) -> BaseProcessingInfo:
-    if member_of(ctx.get_hf_config()) is None:
-        return builtin_ovis.OvisProcessingInfo(ctx)
-    return OvisProcessingInfo(ctx)
+def processor_factories(info_class, dummy_class, processor_class, builtin):
+    """The three factories vLLM builds a registered class's processor with: ours for a checkpoint
+    with a member row (engine/members.py), vLLM's built-in ones (`builtin`: info, dummy inputs,
+    processor classes) for any other, to go with the built-in model it is then served by."""
+    builtin_info, builtin_dummy, builtin_processor = builtin
+
+    def info_for(ctx) -> BaseProcessingInfo:
+        return info_class(ctx) if member_of(ctx.get_hf_config()) is not None else builtin_info(ctx)
+
+    def dummy_inputs_for(info: BaseProcessingInfo) -> BaseDummyInputsBuilder:
+        return (dummy_class if isinstance(info, info_class) else builtin_dummy)(info)
+
+    def processor_for(info: BaseProcessingInfo, dummy_inputs: BaseDummyInputsBuilder, **kwargs):
+        cls = processor_class if isinstance(info, info_class) else builtin_processor
+        return cls(info, dummy_inputs, **kwargs)
+
+    return info_for, dummy_inputs_for, processor_for
 
 
-def dummy_inputs_for(info: BaseProcessingInfo) -> BaseDummyInputsBuilder:
-    if isinstance(info, OvisProcessingInfo):
-        return OvisDummyInputsBuilder(info)
-    return builtin_ovis.OvisDummyInputsBuilder(info)
-
-
-def processor_for(info: BaseProcessingInfo, dummy_inputs: BaseDummyInputsBuilder, **kwargs):
-    if isinstance(info, OvisProcessingInfo):
-        return OvisMultiModalProcessor(info, dummy_inputs, **kwargs)
-    return builtin_ovis.OvisMultiModalProcessor(info, dummy_inputs, **kwargs)
+processing_info_for, dummy_inputs_for, processor_for = processor_factories(
+    OvisProcessingInfo, OvisDummyInputsBuilder, OvisMultiModalProcessor,
+    (builtin_ovis.OvisProcessingInfo, builtin_ovis.OvisDummyInputsBuilder, builtin_ovis.OvisMultiModalProcessor))

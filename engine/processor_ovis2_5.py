@@ -43,7 +43,7 @@ from .preprocess_navit import (
     max_resized_pixels,
     preprocess_frames,
 )
-from .processor import OvisDataParser, _as_pil, _option
+from .processor import OvisDataParser, _as_pil, _option, processor_factories
 
 IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
 # VTE rows V-4 .. V-1: image start, image end, video start, video end (constants -301 .. -304).
@@ -262,21 +262,7 @@ class Ovis2_5MultiModalProcessor(BaseMultiModalProcessor[Ovis2_5ProcessingInfo])
                 for m, g in (("image", "grids"), ("video", "video_grids"))]
 
 
-# vLLM builds the processor of the registered class through these three factories; a checkpoint
-# without a member row gets vLLM's built-in processor, with the built-in model.
-def processing_info_for(ctx) -> BaseProcessingInfo:
-    if member_of(ctx.get_hf_config()) is None:
-        return builtin_ovis2_5.Ovis2_5ProcessingInfo(ctx)
-    return Ovis2_5ProcessingInfo(ctx)
-
-
-def dummy_inputs_for(info: BaseProcessingInfo) -> BaseDummyInputsBuilder:
-    if isinstance(info, Ovis2_5ProcessingInfo):
-        return Ovis2_5DummyInputsBuilder(info)
-    return builtin_ovis2_5.Ovis2_5DummyInputsBuilder(info)
-
-
-def processor_for(info: BaseProcessingInfo, dummy_inputs: BaseDummyInputsBuilder, **kwargs):
-    if isinstance(info, Ovis2_5ProcessingInfo):
-        return Ovis2_5MultiModalProcessor(info, dummy_inputs, **kwargs)
-    return builtin_ovis2_5.Ovis2_5MultiModalProcessor(info, dummy_inputs, **kwargs)
+processing_info_for, dummy_inputs_for, processor_for = processor_factories(
+    Ovis2_5ProcessingInfo, Ovis2_5DummyInputsBuilder, Ovis2_5MultiModalProcessor,
+    (builtin_ovis2_5.Ovis2_5ProcessingInfo, builtin_ovis2_5.Ovis2_5DummyInputsBuilder,
+     builtin_ovis2_5.Ovis2_5MultiModalProcessor))

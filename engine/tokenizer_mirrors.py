@@ -422,10 +422,11 @@ def _qwen2_corpus() -> list[str]:
     return [_ENGLISH] + (list(_OVIS_PROMPTS) + chats) * _PROMPT_WEIGHT
 
 
-def build_qwen2_tokenizer() -> PreTrainedTokenizerFast:
-    """A Qwen2.5-kind tokenizer of 151665 entries (ids up to <|file_sep|> = 151664)."""
-    pieces, merges = _byte_level_learned(_qwen2_pre_tokenizer(), _qwen2_corpus(),
-                                         QWEN2_SPECIAL_TOKENS, normalizers.NFC())
+def _qwen_tokenizer(added: list[str], num_special: int, additional_special: list[str],
+                    chat_template: str) -> PreTrainedTokenizerFast:
+    """A Qwen-kind byte-level BPE tokenizer with `added` tokens from id 151643 on, the first
+    `num_special` of them special."""
+    pieces, merges = _byte_level_learned(_qwen2_pre_tokenizer(), _qwen2_corpus(), added, normalizers.NFC())
     vocab = _byte_level_vocab(pieces, QWEN2_FIRST_SPECIAL_ID, (">\n", ">D", " <", ":<"))
     tok = Tokenizer(models.BPE(vocab=vocab, merges=list(merges), fuse_unk=False,
                                byte_fallback=False, dropout=None))
@@ -433,15 +434,21 @@ def build_qwen2_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = _qwen2_pre_tokenizer()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([_special(t) for t in QWEN2_SPECIAL_TOKENS])
+    tok.add_tokens([AddedToken(t, special=i < num_special, normalized=False, lstrip=False,
+                               rstrip=False, single_word=False) for i, t in enumerate(added)])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-        clean_up_tokenization_spaces=False, model_max_length=131072,
-        chat_template=QWEN2_CHAT_TEMPLATE,
+        additional_special_tokens=additional_special, clean_up_tokenization_spaces=False,
+        model_max_length=131072, chat_template=chat_template,
     )
-    assert len(fast) == QWEN2_FIRST_SPECIAL_ID + len(QWEN2_SPECIAL_TOKENS)
+    assert len(fast) == QWEN2_FIRST_SPECIAL_ID + len(added)
     return fast
+
+
+def build_qwen2_tokenizer() -> PreTrainedTokenizerFast:
+    """A Qwen2.5-kind tokenizer of 151665 entries (ids up to <|file_sep|> = 151664)."""
+    return _qwen_tokenizer(QWEN2_SPECIAL_TOKENS, len(QWEN2_SPECIAL_TOKENS), ["<|im_start|>", "<|im_end|>"],
+                           QWEN2_CHAT_TEMPLATE)
 
 
 # Qwen3 (Ovis2.5 / Ovis2.6): Qwen2.5's tokens plus four, and, as in the published
@@ -454,25 +461,8 @@ QWEN3_NUM_SPECIAL = 14  # <|endoftext|> 151643 ... <|video_pad|> 151656
 def build_qwen3_tokenizer(chat_template: str) -> PreTrainedTokenizerFast:
     """A Qwen3-kind tokenizer of 151669 entries (ids up to </think> = 151668), with the
     checkpoint's chat template."""
-    pieces, merges = _byte_level_learned(_qwen2_pre_tokenizer(), _qwen2_corpus(),
-                                         QWEN3_ADDED_TOKENS, normalizers.NFC())
-    vocab = _byte_level_vocab(pieces, QWEN2_FIRST_SPECIAL_ID, (">\n", ">D", " <", ":<"))
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=list(merges), fuse_unk=False,
-                               byte_fallback=False, dropout=None))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = _qwen2_pre_tokenizer()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_tokens([AddedToken(t, special=i < QWEN3_NUM_SPECIAL, normalized=False, lstrip=False,
-                               rstrip=False, single_word=False)
-                    for i, t in enumerate(QWEN3_ADDED_TOKENS)])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        additional_special_tokens=QWEN3_ADDED_TOKENS[1:QWEN3_NUM_SPECIAL],
-        clean_up_tokenization_spaces=False, model_max_length=131072, chat_template=chat_template,
-    )
-    assert len(fast) == QWEN2_FIRST_SPECIAL_ID + len(QWEN3_ADDED_TOKENS)
-    return fast
+    return _qwen_tokenizer(QWEN3_ADDED_TOKENS, QWEN3_NUM_SPECIAL, QWEN3_ADDED_TOKENS[1:QWEN3_NUM_SPECIAL],
+                           chat_template)
 
 
 # ---- the `tiny` preset's tokenizer --------------------------------------------------------------
