@@ -10,11 +10,13 @@ Llama 3 (Ovis1.6-Llama3.2):
     <|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>
     <|start_header_id|>user<|end_header_id|>\n\n{message}<|eot_id|>
     <|start_header_id|>assistant<|end_header_id|>\n\n
-  Messages are stripped; without a system message the reference's default one is used.
+  Messages are stripped; without a system message the reference's default one is used. A system
+  message after the first is a turn of its own, as in the reference's role table.
 Qwen (Ovis2):
     <|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{message}<|im_end|>\n
     <|im_start|>assistant\n
-  No bos; messages are NOT stripped; without a system message the reference's default one is used.
+  No bos; messages are NOT stripped; without a system message the reference's default one is used;
+  a later system message is a turn of its own.
 
 The templates write the special tokens as text; vLLM tokenizes the rendered prompt with the
 reference's rule (engine/renderer.py), so they become the tokenizer's special tokens.
@@ -96,7 +98,8 @@ LLAMA3_CHAT_TEMPLATE = (
     "{%- set prefix = '' -%}"
 ) + _turns(
     _quoted("<|begin_of_text|>" + _header("system")) + " + system | trim + '<|eot_id|>'",
-    {"user": (_header("user"), "<|eot_id|>"), "assistant": (_header("assistant"), "<|eot_id|>")},
+    {"user": (_header("user"), "<|eot_id|>"), "assistant": (_header("assistant"), "<|eot_id|>"),
+     "system": (_header("system"), "<|eot_id|>")},
     _header("assistant"))
 
 LLAMA3 = Conversation("llama3", LLAMA3_CHAT_TEMPLATE, ("<|eot_id|>",))
@@ -112,7 +115,8 @@ QWEN_CHAT_TEMPLATE = (
 ) + _turns(
     _quoted("<|im_start|>system\n") + " + system + " + _quoted("<|im_end|>\n"),
     {"user": ("<|im_start|>user\n", "<|im_end|>\n"),
-     "assistant": ("<|im_start|>assistant\n", "<|im_end|>\n")},
+     "assistant": ("<|im_start|>assistant\n", "<|im_end|>\n"),
+     "system": ("<|im_start|>system\n", "<|im_end|>\n")},
     "<|im_start|>assistant\n", strip=False)
 
 QWEN = Conversation("qwen", QWEN_CHAT_TEMPLATE, ("<|im_end|>",))

@@ -25,19 +25,20 @@ from .placeholders import IMAGE_TOKEN
 VIDEO_TOKEN = "<video>"
 
 
-def reference_token_ids(tokenizer, text: str, marker_id: int, pad_tokens: dict[str, int],
+def reference_token_ids(tokenizer, text: str, marker_id: int, pad_tokens: dict[str, tuple[str, int]],
                         marker: str = IMAGE_TOKEN) -> list[int]:
     """The pieces of `text` between `marker`s, each tokenized on its own without special
-    tokens, with `marker_id` between pieces. `pad_tokens` (text -> id) may not appear as text."""
+    tokens, with `marker_id` between pieces. `pad_tokens` (modality -> (token, id)) may not
+    appear as text."""
     pieces = text.split(marker)
     encoded = tokenizer(pieces, add_special_tokens=False)["input_ids"]
     ids: list[int] = []
     for i, piece_ids in enumerate(encoded):
-        for pad_token, pad_id in pad_tokens.items():
+        for modality, (pad_token, pad_id) in pad_tokens.items():
             if pad_id in piece_ids:
-                raise ValueError(f"the prompt contains the pad token {pad_token!r} as text; it is "
-                                 f"reserved for image and video positions: mark them with "
-                                 f"{IMAGE_TOKEN} or {VIDEO_TOKEN}")
+                raise ValueError(f"the prompt contains the {modality} pad token {pad_token!r} as "
+                                 f"text; it is reserved for {modality} positions: mark each "
+                                 f"{modality} with <{modality}>")
         if i:
             ids.append(marker_id)
         ids.extend(piece_ids)
@@ -86,8 +87,8 @@ class OvisHfRenderer(HfRenderer):
         # As the reference's _tokenize_with_visual_placeholder: a prompt with <video> is split
         # on <video> only.
         marker = VIDEO_TOKEN if VIDEO_TOKEN in found else IMAGE_TOKEN
-        ids = reference_token_ids(self.tokenizer, text, self._ovis_markers[marker][1],
-                                  dict(self._ovis_markers.values()), marker)
+        pads = {m[1:-1]: pad for m, pad in self._ovis_markers.items()}  # "image" -> (token, id)
+        ids = reference_token_ids(self.tokenizer, text, self._ovis_markers[marker][1], pads, marker)
         if params.add_special_tokens:
             # Chat prompts are tokenized without: the reference's template writes <bos> itself.
             prefix, suffix = self._ovis_wrapping

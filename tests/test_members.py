@@ -67,6 +67,10 @@ def test_reference_tokenization_and_parity(member):
     if reference.formatter.default_system_prompt is not None:  # Llama 3, Qwen: a system role
         cases.append(([("system", "  Answer briefly. "), ("user", "<image>\nWhat is shown?")],
                       [rand_image(2 * SIDE, SIDE, 90)]))
+        # A system turn after the first: a turn of its own in the reference's role table.
+        cases.append(([("user", "<image>\nWhat is it?"), ("assistant", "A cat."),
+                       ("system", " Now answer in French. "), ("user", "And now?")],
+                      [rand_image(SIDE, 2 * SIDE, 91)]))
     outs = run_engine(engine, cases, chat_template=template)
     for out, (turns, images) in zip(outs, cases):
         assert_parity(out, reference, turns, images)
