@@ -29,10 +29,9 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from .cpu_support import cpu_cannot_serve
 from .model_base import OvisModelBase
+from .placeholders import IMAGE_TOKEN, VIDEO_TOKEN
 from .processor_ovis2_5 import (
-    IMAGE_TOKEN,
     NUM_INDICATORS,
-    VIDEO_TOKEN,
     dummy_inputs_for,
     indicator_rows,
     processing_info_for,

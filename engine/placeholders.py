@@ -7,6 +7,7 @@ over it.
 """
 
 IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"  # Ovis2.5/2.6 only
 
 IMAGE_ATOM = -300
 IMAGE_START, CROPS_START, COL_SEP, ROW_SEP, IMAGE_END = -301, -302, -303, -304, -305

@@ -80,13 +80,29 @@ class OvisDataParser(MultiModalDataParser):
         return ImageProcessorItems([_decoded(item) for item in items])
 
 
-class OvisProcessingInfo(BaseProcessingInfo):
+class MemberProcessingInfo(BaseProcessingInfo):
+    """What the processing info of every generation does alike: the member row, tokenization
+    without special tokens, images as the reference sees them, our own flat options."""
+
     @functools.cached_property
     def member(self) -> Member:
         member = member_of(self.get_hf_config())
         assert member is not None, "vLLM's built-in processes checkpoints without a member row"
         return member
 
+    def get_default_tok_params(self) -> TokenizeParams:
+        # The chat template writes <bos> itself, as the reference's formatter does.
+        return super().get_default_tok_params().with_kwargs(add_special_tokens=False)
+
+    def get_data_parser(self) -> MultiModalDataParser:
+        return OvisDataParser(expected_hidden_size=self._get_expected_hidden_size(),
+                              allow_missing_mm_embeddings=self.allow_missing_mm_embeddings)
+
+    def get_supported_mm_processor_kwargs(self) -> dict[str, set[str]]:
+        return {}  # no Hugging Face processor: our options stay flat
+
+
+class OvisProcessingInfo(MemberProcessingInfo):
     @functools.cached_property
     def image_pad_id(self) -> int:
         """The one id that marks an image in a tokenized prompt and fills its positions."""
@@ -121,19 +137,8 @@ class OvisProcessingInfo(BaseProcessingInfo):
         cfg = self.get_hf_config().visual_tokenizer_config
         return tokens_per_crop(self.image_side, self.backbone_config.patch_size, cfg.hidden_stride)
 
-    def get_default_tok_params(self) -> TokenizeParams:
-        # The chat template writes <bos> itself, as the reference's formatter does.
-        return super().get_default_tok_params().with_kwargs(add_special_tokens=False)
-
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
         return {"image": None}
-
-    def get_data_parser(self) -> MultiModalDataParser:
-        return OvisDataParser(expected_hidden_size=self._get_expected_hidden_size(),
-                              allow_missing_mm_embeddings=self.allow_missing_mm_embeddings)
-
-    def get_supported_mm_processor_kwargs(self) -> dict[str, set[str]]:
-        return {}  # no Hugging Face processor: our options stay flat
 
     def processor_options(self, request_kwargs: Mapping[str, object]) -> dict[str, object]:
         """Server-level --mm-processor-kwargs merged with the request's, validated: a bad name,

@@ -27,25 +27,19 @@ from transformers import BatchFeature
 
 from vllm.model_executor.models import ovis2_5 as builtin_ovis2_5
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
-from vllm.multimodal.parse import ImageSize, MultiModalDataItems, MultiModalDataParser
-from vllm.multimodal.processing import (
-    BaseDummyInputsBuilder,
-    BaseMultiModalProcessor,
-    BaseProcessingInfo,
-    PromptReplacement,
-)
-from vllm.renderers import TokenizeParams
+from vllm.multimodal.parse import ImageSize, MultiModalDataItems
+from vllm.multimodal.processing import BaseDummyInputsBuilder, BaseMultiModalProcessor, PromptReplacement
 
-from .members import Member, member_of, pad_token_id
+from .members import pad_token_id
+from .placeholders import IMAGE_TOKEN, VIDEO_TOKEN
 from .preprocess_navit import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_PIXELS,
     max_resized_pixels,
     preprocess_frames,
 )
-from .processor import OvisDataParser, _as_pil, _option, processor_factories
+from .processor import MemberProcessingInfo, _as_pil, _option, processor_factories
 
-IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
 # VTE rows V-4 .. V-1: image start, image end, video start, video end (constants -301 .. -304).
 NUM_INDICATORS = 4
 PROCESSOR_OPTIONS = ("min_pixels", "max_pixels")
@@ -71,13 +65,7 @@ def _frames(video: object) -> list[Image.Image]:
     return [_as_pil(frame) for frame in video]
 
 
-class Ovis2_5ProcessingInfo(BaseProcessingInfo):
-    @functools.cached_property
-    def member(self) -> Member:
-        member = member_of(self.get_hf_config())
-        assert member is not None, "vLLM's built-in processes checkpoints without a member row"
-        return member
-
+class Ovis2_5ProcessingInfo(MemberProcessingInfo):
     @functools.cached_property
     def pad_ids(self) -> dict[str, int]:
         """The ids that mark an image / a video in a tokenized prompt and fill its positions."""
@@ -107,18 +95,8 @@ class Ovis2_5ProcessingInfo(BaseProcessingInfo):
                 "rescale_factor": float(cfg.get("rescale_factor", 1 / 255)),
                 "resample": RESAMPLE[resample]}
 
-    def get_default_tok_params(self) -> TokenizeParams:
-        return super().get_default_tok_params().with_kwargs(add_special_tokens=False)
-
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
         return {"image": None, "video": 1}
-
-    def get_data_parser(self) -> MultiModalDataParser:
-        return OvisDataParser(expected_hidden_size=self._get_expected_hidden_size(),
-                              allow_missing_mm_embeddings=self.allow_missing_mm_embeddings)
-
-    def get_supported_mm_processor_kwargs(self) -> dict[str, set[str]]:
-        return {}
 
     def processor_options(self, request_kwargs: Mapping[str, object]) -> dict[str, int]:
         """Server-level --mm-processor-kwargs merged with the request's, validated: a bad name,

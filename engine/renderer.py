@@ -20,9 +20,7 @@ from __future__ import annotations
 from vllm.renderers.hf import HfRenderer
 
 from .members import OVIS2_5_ARCHITECTURES, OVIS_ARCHITECTURES, member_of, pad_token_id
-from .placeholders import IMAGE_TOKEN
-
-VIDEO_TOKEN = "<video>"
+from .placeholders import IMAGE_TOKEN, VIDEO_TOKEN
 
 
 def reference_token_ids(tokenizer, text: str, marker_id: int, pad_tokens: dict[str, tuple[str, int]],
