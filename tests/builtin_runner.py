@@ -3,8 +3,10 @@
     VLLM_PLUGINS=none python -m tests.builtin_runner SPEC.json OUT.json
 
 SPEC: [{"model": path, "architecture": "Ovis" (default) | "Ovis2_5" | ..., "cases": [{"prompt":
-str, "images": [png paths], "mm_kwargs": {...} (optional)}]}, ...], one engine per model, one after
-another. Images are opened as stored (an RGBA png stays RGBA: vLLM converts it as it does for any
+str, "images": [png paths], "mm_kwargs": {...} (optional)}], "engine_core_process": false
+(default: the engine runs in this process, as tests.helpers.make_llm's; true: in vLLM's own
+processes, where a failing step kills the engine as a server's would)}, ...], one engine per
+model, one after another. Images are opened as stored (an RGBA png stays RGBA: vLLM converts it as it does for any
 model). OUT: one {"model_class", "results"} per model. A case that the built-in rejects gets
 {"error": message} instead of results. Ovis2.5 checkpoints need a config class, which vLLM alone
 takes from the checkpoint's remote code: here it gets ours (engine/configs.py, the same keys and
@@ -12,6 +14,7 @@ defaults), the plugin itself staying off. Runs in its own process because plugin
 loaded once per process and our plugin would otherwise replace the built-in.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -25,9 +28,13 @@ def run_model(spec: dict) -> dict:
 
     from ovis_vllm.engine.configs import register_configs
 
+    from tests.helpers import in_process_engine_core
+
     register_configs()
-    llm = LLM(model=spec["model"], dtype="float32", enforce_eager=True, gpu_memory_utilization=0.5,
-              max_model_len=8192, limit_mm_per_prompt={"image": 4}, seed=0)
+    where = contextlib.nullcontext() if spec.get("engine_core_process") else in_process_engine_core()
+    with where:
+        llm = LLM(model=spec["model"], dtype="float32", enforce_eager=True, gpu_memory_utilization=0.5,
+                  max_model_len=8192, limit_mm_per_prompt={"image": 4}, seed=0)
     model_cls = ModelRegistry._try_load_model_cls(spec.get("architecture", "Ovis"))
     params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)
     results = []

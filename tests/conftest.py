@@ -1,6 +1,8 @@
 """Shared fixtures: one generated checkpoint and one vLLM engine per configuration per session.
 
-Engines take ~20 s to start on a 2-core CPU, so every test of a configuration shares one.
+A single-rank engine runs in the test process (tests/helpers.py make_llm) and starts in seconds;
+a server or a multi-rank engine takes ~1 min on a 2-core CPU (each of vLLM's processes imports
+it), so every test of a configuration shares one.
 The checkpoint seed is fresh each run (printed, and fixed with OVIS_TEST_SEED=N to reproduce).
 """
 

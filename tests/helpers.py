@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gc
 import io
 import os
 import socket
@@ -31,7 +32,14 @@ BF16_TIE_GAP = 0.2
 SIDE = 76  # the test presets' image side
 
 
+PARALLEL_SIZES = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
+
+
 def make_llm(model, **kwargs):
+    """An offline engine with the tests' defaults. A single-rank one runs its engine core and
+    worker in this process (see in_process_engine_core): the same model code and scheduler,
+    without two spawned processes that each import vLLM (~30 s per engine on a 2-core CPU).
+    Multi-rank engines, and every server the tests start, keep vLLM's processes."""
     from vllm import LLM
 
     # LLM.apply_model() pickles a test's function to the workers; tests only.
@@ -41,11 +49,43 @@ def make_llm(model, **kwargs):
                 max_model_len=8192, max_num_seqs=32, limit_mm_per_prompt={"image": 4}, seed=0,
                 enable_prefix_caching=True)
     args.update(kwargs)
-    return LLM(**args)
+    if any(args.get(size, 1) > 1 for size in PARALLEL_SIZES):
+        return LLM(**args)
+    with in_process_engine_core():
+        return LLM(**args)
+
+
+@contextlib.contextmanager
+def in_process_engine_core():
+    """Engines built inside run in this process: vLLM's VLLM_ENABLE_V1_MULTIPROCESSING=0 (which
+    also keeps the CPU platform on the single-process executor, without OpenMP thread binding).
+    The variable is restored afterwards, so servers and subprocesses started later get vLLM's
+    defaults, and vLLM's cache of environment variables (frozen by an in-process engine core)
+    is dropped, so later engines read the environment afresh."""
+    import vllm.envs
+
+    old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = old
+        vllm.envs.disable_envs_cache()
 
 
 def shutdown(llm) -> None:
-    llm.llm_engine.engine_core.shutdown()
+    """Stops an engine. An in-process engine core's shutdown also tears down this process's
+    distributed state (world-size-1 groups), which every in-process engine shares: it is kept
+    for the engines still running (the session's `llm` outlives each module's engines)."""
+    from unittest import mock
+
+    from vllm.v1.engine import core
+
+    with mock.patch.object(core, "cleanup_dist_env_and_memory", gc.collect):
+        llm.llm_engine.engine_core.shutdown()
 
 
 def png_bytes(image: Image.Image) -> bytes:

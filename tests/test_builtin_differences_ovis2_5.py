@@ -52,7 +52,7 @@ def builtin(tmp_path_factory):
     spec = [{"model": str(plain), "architecture": "Ovis2_5", "cases": [
                 {"prompt": prompt, "images": [str(tmp / "rgb.png")]},
                 {"prompt": prompt, "images": [str(tmp / "rgba.png")]}]},
-            {"model": str(extra), "architecture": "Ovis2_5", "cases": [
+            {"model": str(extra), "architecture": "Ovis2_5", "engine_core_process": True, "cases": [
                 {"prompt": prompt, "images": [str(tmp / "rgb.png")]}]}]
     (tmp / "spec.json").write_text(json.dumps(spec))
     env = dict(os.environ, VLLM_PLUGINS="none")

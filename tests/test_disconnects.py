@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import io
-import multiprocessing
 import re
 import time
-from concurrent.futures import ProcessPoolExecutor
 
 import httpx
 import pytest
@@ -127,14 +125,11 @@ def test_gauges_see_a_live_request_and_its_disconnect(server):
 
 
 def abort_mid_prefill(checkpoint: str) -> dict:
-    """In a process of its own (an in-process engine core binds the process's threads and
-    memory): image requests aborted with an encoder output held mid-prefill. Returns what the
-    scheduler held before and after the abort, and the tokens of a request sent after it."""
-    import os
-
+    """Image requests aborted with an encoder output held mid-prefill, on an engine whose
+    scheduler is in this process (make_llm). Returns what the scheduler held before and after
+    the abort, and the tokens of a request sent after it."""
     from vllm import SamplingParams
 
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler in this process
     # A token budget below one image's span: each prefill takes several steps.
     llm = make_llm(checkpoint, max_num_batched_tokens=64, enable_chunked_prefill=True,
                    enable_prefix_caching=False, max_num_seqs=8)
@@ -182,8 +177,7 @@ def test_abort_frees_encoder_cache_and_kv_blocks(tiny_checkpoint, llm):
     request gets the answer it gets alone."""
     from vllm import SamplingParams
 
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        seen = pool.submit(abort_mid_prefill, str(tiny_checkpoint)).result(timeout=600)
+    seen = abort_mid_prefill(str(tiny_checkpoint))
     before, after = seen["before"], seen["after"]
     assert before["requests_holding_encoder_outputs"] >= 1 and before["encoder_slots_not_freeable"] > 0, before
     assert before["kv_usage"] > 0 and before["unfinished"], before

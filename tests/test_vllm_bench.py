@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import openai
+import pytest
 
 from benchmarks import serve
 from ovis_vllm.engine.checkpoint import write_checkpoint
@@ -56,24 +57,34 @@ def test_vllm_bench_keeps_vllms_platform_detection():
     assert helped.returncode == 0 and "Benchmark the online serving throughput" in helped.stdout, helped.stderr[-3000:]
 
 
-def test_vllm_bench_serve_on_our_workload(tiny_checkpoint, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server for both workloads, on a checkpoint whose tokenizer is shaped like a release's
+    (no `<image>` token)."""
+    tmp = tmp_path_factory.mktemp("vllm-bench")
+    checkpoint = write_checkpoint(tmp / "ckpt", "ovis1.6-gemma2-9b", seed=SEED)
+    with running_server(["--model", str(checkpoint), "--served-model-name", "ovis", "--dtype", "float32"],
+                        tmp / "server.log") as base:
+        yield base, checkpoint
+
+
+def test_vllm_bench_serve_on_our_workload(server, tmp_path, monkeypatch):
+    base, checkpoint = server
     monkeypatch.setenv("OVIS_IMAGE_SIDE", str(SIDE))
     dataset = tmp_path / "mixed.jsonl"
     requests = serve.main(["--write-dataset", str(dataset), "--requests", "6", "--concurrency", "3"])["requests"]
     assert len(dataset.read_text().splitlines()) == 6 and {r["max_tokens"] for r in requests} == {32}
-    with running_server(["--model", str(tiny_checkpoint), "--served-model-name", "ovis", "--dtype", "float32"],
-                        tmp_path / "server.log") as base:
-        bench = vllm_bench_serve(
-            base, ["--model", "ovis", "--tokenizer", str(tiny_checkpoint), "--backend", "openai-chat",
-                   "--endpoint", "/v1/chat/completions", "--dataset-name", "custom_image",
-                   "--dataset-path", str(dataset), "--num-prompts", "6", "--disable-shuffle",
-                   "--custom-output-len", "32", "--temperature", "0", "--max-concurrency", "3"],
-            tmp_path, "bench")
-        ours = serve.main(["--url", base, "--model", "ovis", "--concurrency", "3", "--requests", "6",
-                           "--repeats", "1", "--out", str(tmp_path / "serve")])
-        client = openai.OpenAI(base_url=base + "/v1", api_key="none")
-        alone = [client.chat.completions.create(model="ovis", temperature=0, **r).choices[0].message.content
-                 for r in requests]
+    bench = vllm_bench_serve(
+        base, ["--model", "ovis", "--tokenizer", str(checkpoint), "--backend", "openai-chat",
+               "--endpoint", "/v1/chat/completions", "--dataset-name", "custom_image",
+               "--dataset-path", str(dataset), "--num-prompts", "6", "--disable-shuffle",
+               "--custom-output-len", "32", "--temperature", "0", "--max-concurrency", "3"],
+        tmp_path, "bench")
+    ours = serve.main(["--url", base, "--model", "ovis", "--concurrency", "3", "--requests", "6",
+                       "--repeats", "1", "--out", str(tmp_path / "serve")])
+    client = openai.OpenAI(base_url=base + "/v1", api_key="none")
+    alone = [client.chat.completions.create(model="ovis", temperature=0, **r).choices[0].message.content
+             for r in requests]
     assert bench["completed"] == 6 and bench["failed"] == 0, bench.get("errors")
     assert bench["generated_texts"] == alone  # vLLM's client sent exactly our requests
     (row,) = ours["rows"]
@@ -93,14 +104,13 @@ def visionarena_dataset(folder, questions: list[str], images) -> None:
      .to_parquet(str(folder / "train.parquet")))
 
 
-def test_vllm_bench_random_mm_and_hf_datasets(tmp_path):
-    """The datasets people run `vllm bench serve` with, on a checkpoint whose tokenizer is shaped
-    like a release's (no `<image>` token): random-mm (random token ids, images of two sizes) and a
-    Hugging Face dataset (VisionArena's layout, from a local folder: no hub here), whose answers
-    equal the ones the same requests get alone."""
+def test_vllm_bench_random_mm_and_hf_datasets(server, tmp_path):
+    """The datasets people run `vllm bench serve` with: random-mm (random token ids, images of two
+    sizes) and a Hugging Face dataset (VisionArena's layout, from a local folder: no hub here),
+    whose answers equal the ones the same requests get alone."""
     from vllm.benchmarks.datasets import process_image
 
-    checkpoint = write_checkpoint(tmp_path / "ckpt", "ovis1.6-gemma2-9b", seed=SEED)
+    base, checkpoint = server
     questions = [f"Question {i}: what is in the picture, and where?" for i in range(4)]
     images = [rand_image(SIDE * (1 + i % 3), SIDE * (1 + i // 2), 70 + i) for i in range(4)]
     visionarena_dataset(tmp_path / "visionarena", questions, images)
@@ -115,14 +125,12 @@ def test_vllm_bench_random_mm_and_hf_datasets(tmp_path):
                "--hf-name", "lmarena-ai/VisionArena-Chat", "--num-prompts", "4", "--disable-shuffle",
                "--hf-output-len", "8", "--temperature", "0"],
     }
-    with running_server(["--model", str(checkpoint), "--served-model-name", "ovis", "--dtype", "float32"],
-                        tmp_path / "server.log") as base:
-        results = {name: vllm_bench_serve(base, common + args, tmp_path, name) for name, args in datasets.items()}
-        client = openai.OpenAI(base_url=base + "/v1", api_key="none")
-        alone = [client.chat.completions.create(
-            model="ovis", temperature=0, max_completion_tokens=8,
-            messages=[{"role": "user", "content": [{"type": "text", "text": q}, process_image(image)]}],
-        ).choices[0].message.content for q, image in zip(questions, images)]
+    results = {name: vllm_bench_serve(base, common + args, tmp_path, name) for name, args in datasets.items()}
+    client = openai.OpenAI(base_url=base + "/v1", api_key="none")
+    alone = [client.chat.completions.create(
+        model="ovis", temperature=0, max_completion_tokens=8,
+        messages=[{"role": "user", "content": [{"type": "text", "text": q}, process_image(image)]}],
+    ).choices[0].message.content for q, image in zip(questions, images)]
     for name, n in (("random-mm", 12), ("hf", 4)):
         assert results[name]["completed"] == n and results[name]["failed"] == 0, results[name]["errors"]
     assert any(alone) and results["hf"]["generated_texts"] == alone
