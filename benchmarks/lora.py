@@ -5,7 +5,7 @@ against the base model alone, in the same run.
 
 Two servers on the same checkpoint and flags, one after the other:
 - `base, LoRA off`: the base model on a server without --enable-lora (what serving it alone costs);
-- a server with --enable-lora, --max-loras 16 and 16 adapters (engine/lora_adapters.py: rank 8,
+- a server with --enable-lora, --max-loras 16 and 16 adapters (engine/checkpoints/lora_adapters.py: rank 8,
   alpha 32 on every linear layer of the LLM, as ms-swift trains them) from --lora-modules, asked
   for the base model, then 1, 4 and 16 adapters, request i naming adapter i mod k.
 Every setting gets the same requests (benchmarks/serve.py's mixed workload: one image of 1x1 to
@@ -42,8 +42,8 @@ def plot(result: dict, path: Path, chart: bool = False) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from ovis_vllm.engine.checkpoint import write_checkpoint
-    from ovis_vllm.engine.lora_adapters import write_lora_adapter
+    from ovis_vllm.engine.checkpoints import write_checkpoint
+    from ovis_vllm.engine.checkpoints.lora_adapters import write_lora_adapter
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="tiny")

@@ -41,7 +41,7 @@ def latencies(base: str, url: str, n: int) -> list[float]:
 
 def main(argv: list[str] | None = None) -> dict:
     from benchmarks.image_costs import photo
-    from ovis_vllm.engine.checkpoint import write_checkpoint
+    from ovis_vllm.engine.checkpoints import write_checkpoint
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="tiny")

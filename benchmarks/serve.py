@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         model = args.model
         if model is None:
-            from ovis_vllm.engine.checkpoint import write_checkpoint
+            from ovis_vllm.engine.checkpoints import write_checkpoint
 
             model = str(write_checkpoint(out / f"ckpt-{args.preset}", args.preset, seed=0))
         side = json.loads((Path(model) / "config.json").read_text())[

@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         model_dir = args.model
         if model_dir is None:
-            from ovis_vllm.engine.checkpoint import write_checkpoint
+            from ovis_vllm.engine.checkpoints import write_checkpoint
 
             model_dir = str(write_checkpoint(out / f"ckpt-{args.preset}", args.preset, seed=0))
         side = args.image_side or json.loads((Path(model_dir) / "config.json").read_text())[

@@ -58,18 +58,13 @@ _logged = False
 
 
 def _log_like_vllm() -> None:
-    """Our modules' logs (logger names under `ovis_vllm`) through vLLM's own handlers, level and
-    format: vLLM configures only its `vllm` logger, so an INFO line of ours in an engine-core or
-    worker process would otherwise go nowhere."""
+    """Our modules' logs (logger names under `ovis_vllm`) go through vLLM's `vllm` logger: its
+    handlers, level and format, as they are when a line is logged. vLLM configures only that
+    logger, and in the process that builds an engine it does so after plugins load, so a copy of
+    its handlers taken here would be empty there and an INFO line of ours would go nowhere."""
     import logging
 
-    ours, vllms = logging.getLogger("ovis_vllm"), logging.getLogger("vllm")
-    if ours.handlers or not vllms.handlers:
-        return
-    for handler in vllms.handlers:
-        ours.addHandler(handler)
-    ours.setLevel(vllms.level)
-    ours.propagate = False
+    logging.getLogger("ovis_vllm").parent = logging.getLogger("vllm")
 
 
 def _log_active_once() -> None:

@@ -310,7 +310,7 @@ def build_argv(argv: list[str]) -> list[str]:
     if argv and not argv[0].startswith("-"):  # `server.py MODEL ...`, like `vllm serve MODEL`
         argv = ["--model", argv[0]] + argv[1:]
     if not _given(argv, "--model"):
-        from ovis_vllm.engine.checkpoint import default_model_dir
+        from ovis_vllm.engine.checkpoints import default_model_dir
 
         path = default_model_dir()
         logger.warning("no --model given: serving the embedded default checkpoint %s "

@@ -30,7 +30,7 @@ def pytest_report_header(config):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
-    from ovis_vllm.engine.checkpoint import write_checkpoint
+    from ovis_vllm.engine.checkpoints import write_checkpoint
 
     return write_checkpoint(tmp_path_factory.mktemp("ovis-tiny"), "tiny", seed=SEED)
 

@@ -55,6 +55,19 @@ def make_llm(model, **kwargs):
         return LLM(**args)
 
 
+def start_two_rank_engine(checkpoint, **kwargs):
+    """An engine over 2 ranks on vLLM's CPU backend, each rank's OpenMP pool on its own core."""
+    old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
+    try:
+        return make_llm(checkpoint, **{"max_num_seqs": 8, "distributed_executor_backend": "mp", **kwargs})
+    finally:
+        if old is None:
+            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+        else:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
+
+
 @contextlib.contextmanager
 def in_process_engine_core():
     """Engines built inside run in this process: vLLM's VLLM_ENABLE_V1_MULTIPROCESSING=0 (which
@@ -250,3 +263,15 @@ def vllm_packs(dtype) -> bool:
     out = layer.cpu_linear(torch.randn(3, 512).to(dtype), layer.weight, None)  # the chosen GEMM runs
     assert out.shape == (3, 4096)
     return layer.weight.numel() == 0
+
+
+def with_extra_token(path):
+    """The checkpoint with one token added to its tokenizer (151670 entries for an Ovis2.5
+    preset), as a fine-tune that adds a token has it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.add_tokens(["<|my_fine_tune_token|>"], special_tokens=True)
+    tokenizer.save_pretrained(path)
+    assert len(tokenizer) == 151670
+    return path

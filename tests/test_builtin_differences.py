@@ -30,7 +30,7 @@ MEMBER_PRESETS = ["ovis1.6-gemma2-9b", "ovis1.6-gemma2-27b", "ovis1.6-llama3.2-3
 @pytest.fixture(scope="module")
 def builtin(tiny_checkpoint, reference, tmp_path_factory):
     """name -> (built-in output, {case: result}, cases, reference), for `tiny` and the members."""
-    from ovis_vllm.engine.checkpoint import write_checkpoint
+    from ovis_vllm.engine.checkpoints import write_checkpoint
 
     tmp = tmp_path_factory.mktemp("builtin")
     # Fresh images per case: the built-in's processor cache would otherwise hand it one image at

@@ -27,9 +27,8 @@ import torch
 from PIL import Image
 
 from tests.conftest import SEED
-from tests.helpers import rand_image
+from tests.helpers import rand_image, with_extra_token
 from tests.ovis25_reference import ReferenceOvis25, content_items
-from tests.test_ovis2_5 import with_extra_token
 
 AGREE_ATOL = 2e-4
 VISIBLE_GAP = 1e-2
@@ -37,7 +36,7 @@ VISIBLE_GAP = 1e-2
 
 @pytest.fixture(scope="module")
 def builtin(tmp_path_factory):
-    from ovis_vllm.engine.checkpoint import write_checkpoint
+    from ovis_vllm.engine.checkpoints import write_checkpoint
 
     tmp = tmp_path_factory.mktemp("builtin25")
     plain = write_checkpoint(tmp / "plain", "ovis2.5-2b", seed=SEED)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ovis_vllm.engine.checkpoint import PRESETS, _tensor_shapes, gptq_pack, main, ovis_config, write_checkpoint
+from ovis_vllm.engine.checkpoints import main, write_checkpoint
+from ovis_vllm.engine.checkpoints.ovis import PRESETS, _tensor_shapes, gptq_pack, ovis_config
 from ovis_vllm.engine.members import member_of
 from tests.ovis_reference import ReferenceOvis, dequantize_gptq
 
@@ -160,7 +161,7 @@ def test_published_files_verbatim(tmp_path):
     assert (wide / "preprocessor_config.json").read_text() == PUBLISHED_PREPROCESSOR_CONFIG
     gptq = write_checkpoint(tmp_path / "gptq", "ovis1.6-gemma2-9b-gptq-int4")
     assert (gptq / "quantize_config.json").read_text() == PUBLISHED_QUANTIZE_CONFIG
-    from ovis_vllm.engine.checkpoint import preprocessor_config
+    from ovis_vllm.engine.checkpoints.ovis import preprocessor_config
 
     ovis2 = json.dumps(preprocessor_config(PRESETS["ovis2-wide"]), indent=2, sort_keys=True) + "\n"
     assert ovis2 == PUBLISHED_OVIS2_PREPROCESSOR_CONFIG

@@ -16,7 +16,7 @@ from tests.helpers import SIDE, make_llm, rand_image, shutdown
 
 @pytest.fixture(scope="module")
 def unlisted(tmp_path_factory):
-    from ovis_vllm.engine.checkpoint import write_checkpoint
+    from ovis_vllm.engine.checkpoints import write_checkpoint
 
     path = write_checkpoint(tmp_path_factory.mktemp("siglip-qwen2"), "ovis2-1b", seed=SEED,
                             backbone="siglip")
@@ -80,7 +80,7 @@ def test_other_architectures_are_left_to_vllm(tiny_checkpoint, tmp_path):
 def test_ovis15_is_not_taken_for_ovis16():
     """Ovis1.5 shares Ovis1.6's visual tokenizer type, without the hidden_stride merge and with
     a multi-scale booster: no member row (vLLM, which has no Ovis1.5 either, decides)."""
-    from ovis_vllm.engine.checkpoint import PRESETS, ovis_config
+    from ovis_vllm.engine.checkpoints.ovis import PRESETS, ovis_config
 
     config = ovis_config(PRESETS["ovis1.6-gemma2-9b"])
     assert member_of(config).name == "Ovis1.6-Gemma2"
@@ -102,7 +102,7 @@ def test_unlisted_ovis2_5_checkpoint_is_served_by_vllms_builtin(tmp_path, capfd)
     class reads it without remote code."""
     from vllm import SamplingParams
 
-    from ovis_vllm.engine.checkpoint import write_checkpoint
+    from ovis_vllm.engine.checkpoints import write_checkpoint
     from ovis_vllm.engine.preprocess_navit import smart_resize
 
     path = write_checkpoint(tmp_path / "ovis2.5-qwen2", "ovis2.5-2b", seed=SEED, llm="qwen2")

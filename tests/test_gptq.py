@@ -34,7 +34,7 @@ from tests.ovis_reference import ReferenceOvis
 @pytest.fixture(scope="module", params=["ovis1.6-gemma2-9b-gptq-int4", "ovis1.6-llama3.2-3b-gptq-int4",
                                         "ovis2-8b-gptq-int4"])
 def gptq(request, tmp_path_factory):
-    from ovis_vllm.engine.checkpoint import write_checkpoint
+    from ovis_vllm.engine.checkpoints import write_checkpoint
 
     path = write_checkpoint(tmp_path_factory.mktemp(request.param), request.param, seed=SEED)
     if reason := cpu_cannot_serve(SimpleNamespace(**json.loads((path / "config.json").read_text()))):
@@ -80,7 +80,7 @@ def test_gptq_refused_where_vllm_has_no_kernel(tmp_path, monkeypatch):
 
     from ovis_vllm import server
     from ovis_vllm.engine import cpu_support
-    from ovis_vllm.engine.checkpoint import write_checkpoint
+    from ovis_vllm.engine.checkpoints import write_checkpoint
 
     if torch.cuda.is_available():
         pytest.skip("the refusal is for vLLM's CPU platform")

@@ -1,6 +1,6 @@
 """LoRA adapters on every member, and merged fine-tunes, against the independent reference.
 
-The adapters are PEFT adapters as ms-swift writes them for Ovis (engine/lora_adapters.py: rank,
+The adapters are PEFT adapters as ms-swift writes them for Ovis (engine/checkpoints/lora_adapters.py: rank,
 alpha, an LLM-anchored target regex), with random A and B so that they change the answers. The
 oracle of a request through an adapter is the reference (tests/ovis_reference.py) run on the
 checkpoint with that adapter merged in fp64 (PEFT's merge_and_unload), in fp32: every prompt
@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from ovis_vllm.engine.lora_adapters import merge_lora_adapter, write_lora_adapter
+from ovis_vllm.engine.checkpoints.lora_adapters import merge_lora_adapter, write_lora_adapter
 from ovis_vllm.engine.members import member_of
 from tests.conftest import SEED
 from tests.helpers import (
@@ -117,7 +117,7 @@ def test_merged_fine_tune_is_served_like_the_adapter(lora_llm, adapters):
 def test_ovis2_adapters(tmp_path):
     """Ovis2 (AIMv2 + Qwen2.5, whose q/k/v carry biases): both adapters and the base model in
     one batch. (Ovis1.6-Llama3.2 is checked through the server below.)"""
-    from ovis_vllm.engine.checkpoint import write_checkpoint
+    from ovis_vllm.engine.checkpoints import write_checkpoint
 
     path = write_checkpoint(tmp_path / "ovis2", "ovis2-1b", seed=SEED)
     template = member_of(json.loads((path / "config.json").read_text())).conversation.chat_template
@@ -138,7 +138,7 @@ def test_ovis2_adapters(tmp_path):
 def test_builtin_fallback_refuses_lora_with_the_reason():
     """A checkpoint handed to vLLM's built-in Ovis (here Ovis1.5-shaped) under --enable-lora: our
     message, not vLLM's "Ovis does not support LoRA", which would name our class."""
-    from ovis_vllm.engine.checkpoint import PRESETS, ovis_config
+    from ovis_vllm.engine.checkpoints.ovis import PRESETS, ovis_config
     from ovis_vllm.engine.model import Ovis
 
     config = ovis_config(PRESETS["ovis1.6-gemma2-9b"])
@@ -159,7 +159,7 @@ def llama(tmp_path_factory):
     """An Ovis1.6-Llama3.2 checkpoint with its adapters, and adapters that must be refused."""
     from safetensors.torch import load_file, save_file
 
-    from ovis_vllm.engine.checkpoint import write_checkpoint
+    from ovis_vllm.engine.checkpoints import write_checkpoint
 
     root = tmp_path_factory.mktemp("llama-lora")
     path = write_checkpoint(root / "base", "ovis1.6-llama3.2-3b", seed=SEED)

@@ -1,6 +1,6 @@
 """Every implemented member on the "Ovis" architecture against the independent reference, in fp32.
 
-One generated checkpoint per member preset (engine/checkpoint.py), each mirroring the published
+One generated checkpoint per member preset (engine/checkpoints/ovis.py), each mirroring the published
 files at small widths, with a tokenizer of the base LLM's kind that has no `<image>` token and
 BPE merges across the marker's edges. Prompts are rendered with the member's served chat
 template (engine/members.py) and checked against AIDC-AI's formatter as the reference runs it:
@@ -33,7 +33,7 @@ def member(request, tmp_path_factory):
     """(preset, checkpoint, served chat template, engine, reference), one engine at a time."""
     import json
 
-    from ovis_vllm.engine.checkpoint import write_checkpoint
+    from ovis_vllm.engine.checkpoints import write_checkpoint
 
     preset = request.param
     path = write_checkpoint(tmp_path_factory.mktemp(preset), preset, seed=SEED)

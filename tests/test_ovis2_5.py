@@ -1,6 +1,6 @@
 """Ovis2.5 and Ovis2.6 against the independent reference (tests/ovis25_reference.py), in fp32.
 
-One generated checkpoint per preset (engine/checkpoint_ovis2_5.py, mirroring the published files at
+One generated checkpoint per preset (engine/checkpoints/ovis2_5.py, mirroring the published files at
 small widths: Qwen3 tokenizer without `<image>`, the checkpoint's chat template, bilinear SigLIP
 preprocessor config), one engine each, every case of a preset in one batch. Prompts are the
 checkpoint's chat template rendered with thinking off (the reference's chat() default); the
@@ -16,14 +16,23 @@ import pytest
 import torch
 
 from tests.conftest import SEED
-from tests.helpers import GREEDY_TIE_GAP, MAX_NEW_TOKENS, PROMPT_LOGPROB_ATOL, make_llm, rand_image, shutdown
+from tests.helpers import (
+    GREEDY_TIE_GAP,
+    MAX_NEW_TOKENS,
+    PROMPT_LOGPROB_ATOL,
+    make_llm,
+    rand_image,
+    shutdown,
+    start_two_rank_engine,
+    with_extra_token,
+)
 from tests.ovis25_reference import ReferenceOvis25, content_items
 
 LIMITS = {"image": 4, "video": 1}
 
 
 def _engine(tmp_path_factory, preset: str, **kwargs):
-    from ovis_vllm.engine.checkpoint import write_checkpoint
+    from ovis_vllm.engine.checkpoints import write_checkpoint
 
     path = write_checkpoint(tmp_path_factory.mktemp(preset), preset, seed=SEED)
     return path, make_llm(path, max_num_seqs=16, limit_mm_per_prompt=LIMITS, **kwargs)
@@ -91,7 +100,7 @@ def assert_matches_reference(out, reference, c, atol=PROMPT_LOGPROB_ATOL):
 @pytest.mark.parametrize("size", [(500, 300), (10, 2000), (32, 1792), (4000, 3000), (17, 17)])
 def test_preprocess_matches_the_reference(tmp_path_factory, size):
     """Patches and grid bit for bit, images and a video whose frames differ in size."""
-    from ovis_vllm.engine.checkpoint_ovis2_5 import PREPROCESSOR_CONFIG
+    from ovis_vllm.engine.checkpoints.ovis2_5 import PREPROCESSOR_CONFIG
     from ovis_vllm.engine.preprocess_navit import preprocess_frames
     from tests.ovis25_reference import reference_preprocess
 
@@ -156,6 +165,25 @@ def test_bad_pixel_bounds_are_refused(ovis25, kwargs, message):
                          "mm_processor_kwargs": kwargs}, use_tqdm=False)
 
 
+def test_tensor_parallel_matches_the_reference(tmp_path_factory):
+    """Over 2 ranks (vLLM splits NaViT and Qwen3; ours the head and VTE along the visual
+    vocabulary, engine/visual_vocab.py), on the tied 2B shape."""
+    from ovis_vllm.engine.checkpoints import write_checkpoint
+
+    path = write_checkpoint(tmp_path_factory.mktemp("ovis2.5-tp2"), "ovis2.5-2b", seed=SEED)
+    engine = start_two_rank_engine(path, tensor_parallel_size=2, limit_mm_per_prompt=LIMITS)
+    try:
+        reference = ReferenceOvis25(path)
+        s = SEED % 1000
+        cases = [case("Compare <image> and <image>.", [rand_image(333, 222, s), rand_image(64, 900, s + 1)]),
+                 case("<video>\nWhat happens?", video=video_frames(s + 2)),
+                 case("No image here, only text.")]
+        for out, c in zip(run(engine, reference, cases), cases):
+            assert_matches_reference(out, reference, c)
+    finally:
+        shutdown(engine)
+
+
 def test_moe_matches_the_reference(tmp_path_factory):
     """Ovis2.6-30B-A3B: Qwen3-MoE LLM, no post_layernorm tensors. (Over 2 ranks with vLLM's
     expert parallelism it passed once and once crashed a worker with SIGSEGV in vLLM's CPU MoE
@@ -172,21 +200,9 @@ def test_moe_matches_the_reference(tmp_path_factory):
         shutdown(engine)
 
 
-def with_extra_token(path):
-    """The checkpoint with one token added to its tokenizer (151670 entries), as a fine-tune that
-    adds a token has it."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.add_tokens(["<|my_fine_tune_token|>"], special_tokens=True)
-    tokenizer.save_pretrained(path)
-    assert len(tokenizer) == 151670
-    return path
-
-
 @pytest.fixture(scope="module")
 def ovis25_server(tmp_path_factory):
-    from ovis_vllm.engine.checkpoint import write_checkpoint
+    from ovis_vllm.engine.checkpoints import write_checkpoint
     from tests.helpers import running_server
 
     # Ovis2.6 dense (its own architecture name and model_type), with a tokenizer of one more token

@@ -101,7 +101,7 @@ if __name__ == "__main__":
     import kernels                                   # Hugging Face's
     import ovis_vllm
     from ovis_vllm import kernels as ovis_kernels
-    from ovis_vllm.engine.checkpoint import write_checkpoint
+    from ovis_vllm.engine.checkpoints import write_checkpoint
     from vllm import LLM, SamplingParams
     path = write_checkpoint(sys.argv[1], "tiny", seed=0)
     llm = LLM(model=str(path), dtype="float32", enforce_eager=True, gpu_memory_utilization=0.5,

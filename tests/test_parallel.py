@@ -3,8 +3,6 @@ vocabulary across 2 ranks give the single-rank engine's answers."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -12,26 +10,13 @@ from tests.helpers import (
     PROMPT_LOGPROB_ATOL,
     SIDE,
     assert_parity,
-    make_llm,
     prompt_logprobs,
     rand_image,
     run_engine,
     shutdown,
+    start_two_rank_engine,
     tokens,
 )
-
-
-def start_two_rank_engine(checkpoint, **parallel):
-    """An engine over 2 ranks on vLLM's CPU backend, each rank's OpenMP pool on its own core."""
-    old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
-    try:
-        return make_llm(checkpoint, max_num_seqs=8, distributed_executor_backend="mp", **parallel)
-    finally:
-        if old is None:
-            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
-        else:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +62,7 @@ def test_tp2_equals_single_rank(llm, tp2_llm):
 
 @pytest.fixture(scope="module")
 def ovis2_tp2(tmp_path_factory):
-    from ovis_vllm.engine.checkpoint import write_checkpoint
+    from ovis_vllm.engine.checkpoints import write_checkpoint
     from tests.conftest import SEED
 
     path = write_checkpoint(tmp_path_factory.mktemp("ovis2"), "ovis2-1b", seed=SEED)

@@ -25,7 +25,7 @@ from tests.ovis_reference import ReferenceOvis
 
 @pytest.fixture(scope="module")
 def llama_checkpoint(tmp_path_factory):
-    from ovis_vllm.engine.checkpoint import write_checkpoint
+    from ovis_vllm.engine.checkpoints import write_checkpoint
 
     return write_checkpoint(tmp_path_factory.mktemp("llama"), "ovis1.6-llama3.2-3b", seed=SEED)
 
@@ -82,7 +82,7 @@ def test_llama_defaults(llama_checkpoint):
 
 
 def test_ovis2_defaults(tmp_path):
-    from ovis_vllm.engine.checkpoint import write_checkpoint
+    from ovis_vllm.engine.checkpoints import write_checkpoint
 
     path = write_checkpoint(tmp_path / "ovis2", "ovis2-1b", seed=SEED)
     argv = build_argv(["--model", str(path)])

@@ -1,4 +1,4 @@
-"""The tokenizer mirrors (engine/tokenizer_mirrors.py): special ids, structure, `<image>` handling,
+"""The tokenizer mirrors (engine/checkpoints/tokenizer_mirrors.py): special ids, structure, `<image>` handling,
 round trips, marker-edge merges and save/reload. Fast; no vLLM engine."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from ovis_vllm.engine.tokenizer_mirrors import (
+from ovis_vllm.engine.checkpoints.tokenizer_mirrors import (
     GEMMA2_CHAT_TEMPLATE,
     GEMMA_SPECIAL_TOKENS,
     LLAMA3_SPECIAL_TOKENS,

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from benchmarks import serve
-from ovis_vllm.engine.checkpoint import write_checkpoint
+from ovis_vllm.engine.checkpoints import write_checkpoint
 from tests.conftest import SEED
 from tests.helpers import ROOT, SIDE, png_bytes, rand_image, running_server
 

@@ -61,7 +61,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from tokenizers import pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from .chat_template import GEMMA_CHAT_TEMPLATE
+from ..chat_template import GEMMA_CHAT_TEMPLATE
 
 # Ovis' image marker (engine/placeholders.py IMAGE_TOKEN); neither kind has it as a token.
 IMAGE_MARKER = "<image>"

@@ -1,16 +1,15 @@
-"""Ovis checkpoints with random weights, shaped like the published ones, for tests and benchmarks.
+"""Ovis1.6 / Ovis2 checkpoints (the "Ovis" architecture) with random weights.
 
-Model hubs are out of reach on our CI machines, so every test builds its own checkpoint. Each
-preset mirrors a published AIDC-AI checkpoint at small widths: the config.json layout (sorted
+Each preset mirrors a published AIDC-AI checkpoint at small widths: the config.json layout (sorted
 keys, `llm_config` / `visual_tokenizer_config` / `backbone_config` as full dicts with the generic
 transformers 4.44 fields, as AIDC-AI's files have them), the tensor names
 (`llm.model.*`, `visual_tokenizer.backbone.vision_model.*`, `visual_tokenizer.head.{0,1}.*`,
 `vte.weight`), the SigLIP `preprocessor_config.json` byte for byte, generation_config.json, and a
 tokenizer of the base LLM's kind with its special tokens at their real ids and no `<image>`
-token (engine/tokenizer_mirrors.py). docs/reference.md says what was read from the published
+token (tokenizer_mirrors.py). docs/reference.md says what was read from the published
 files and what is inferred.
 
-Presets (`--preset`):
+Presets:
   ovis1.6-gemma2-9b             Gemma2 (sqrt(hidden) embedding scale), Gemma tokenizer
   ovis1.6-gemma2-27b            as 9B, with query_pre_attn_scalar = hidden / heads != head_dim
   ovis1.6-llama3.2-3b           Llama 3.2 (llama3 RoPE scaling, tied embeddings), Llama 3 tokenizer
@@ -24,15 +23,10 @@ Presets (`--preset`):
                                 tokenizer with Gemma's special ids that knows `<image>`
   wide                          Ovis1.6-Gemma2-9B's real widths, one layer each, for benchmarks
   ovis2-wide                    Ovis2-8B's real widths, one layer each, for benchmarks
-  ovis2.5-2b, ovis2.5-9b, ovis2.6-2b, ovis2.6-moe, ovis2.5-wide
-                                Ovis2.5 / Ovis2.6: engine/checkpoint_ovis2_5.py
-
-    python -m engine.checkpoint OUT_DIR --preset ovis1.6-llama3.2-3b --seed 0
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -42,8 +36,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .chat_template import GEMMA_CHAT_TEMPLATE
-from .placeholders import NUM_INDICATORS
+from ..chat_template import GEMMA_CHAT_TEMPLATE
+from ..placeholders import NUM_INDICATORS
 
 # Gemma's and Llama 3's ids that the configs name.
 PAD_ID, EOS_ID, BOS_ID, END_OF_TURN_ID = 0, 1, 2, 107
@@ -439,13 +433,9 @@ def _random_tensor(p: Preset, name: str, shape: tuple[int, ...], gen: torch.Gene
     return t / math.sqrt(fan_in)
 
 
-def write_checkpoint(out_dir: str | os.PathLike, preset: str | Preset = "tiny", seed: int = 0,
-                     **overrides) -> Path:
+def write_ovis_checkpoint(out_dir: str | os.PathLike, preset: str | Preset = "tiny", seed: int = 0,
+                          **overrides) -> Path:
     """Write a complete checkpoint directory and return its path."""
-    from .checkpoint_ovis2_5 import OVIS2_5_PRESETS, Ovis25Preset, write_ovis2_5_checkpoint
-
-    if isinstance(preset, Ovis25Preset) or preset in OVIS2_5_PRESETS:
-        return write_ovis2_5_checkpoint(out_dir, preset, seed, **overrides)
     p = PRESETS[preset] if isinstance(preset, str) else preset
     p = replace(p, **overrides)
     out = Path(out_dir)
@@ -489,36 +479,3 @@ def write_checkpoint(out_dir: str | os.PathLike, preset: str | Preset = "tiny", 
         write_special_tokens_map(tokenizer, out)
     return out
 
-
-def default_model_dir() -> Path:
-    """The embedded default model: a `tiny` checkpoint generated on first use and cached."""
-    cache = Path(os.environ.get("OVIS_CACHE_DIR", Path.home() / ".cache" / "ovis-vllm"))
-    path = cache / "ovis1.6-gemma2-tiny-seed0-v2"  # v2: the published config layout
-    if not (path / "model.safetensors").exists():
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        write_checkpoint(tmp, "tiny", seed=0)
-        try:
-            tmp.rename(path)
-        except OSError:  # another process won the race; its copy is identical
-            import shutil
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out_dir")
-    from .checkpoint_ovis2_5 import OVIS2_5_PRESETS
-
-    ap.add_argument("--preset", choices=sorted(PRESETS) + sorted(OVIS2_5_PRESETS), default="tiny")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                    help="weight dtype (default: the preset's)")
-    args = ap.parse_args(argv)
-    overrides = {"dtype": args.dtype} if args.dtype else {}
-    path = write_checkpoint(args.out_dir, args.preset, args.seed, **overrides)
-    print(f"wrote {args.preset} Ovis checkpoint (seed {args.seed}) to {path}")
-
-
-if __name__ == "__main__":
-    main()
