@@ -38,6 +38,7 @@ import contextlib
 import functools
 import io
 import json
+import math
 import os
 import signal
 import socket
@@ -192,6 +193,18 @@ def metrics_row(outputs, samples, duration) -> dict:
             "completed": m.completed, "errors": m.failed,
             "ttft_ms": pct(m.percentiles_ttft_ms), "itl_ms": pct(m.percentiles_itl_ms),
             "first_error": next((o.error for o in outputs if o.error), "")}
+
+
+def image_side(model: str) -> int:
+    """The side the workloads' image grids are multiples of: an Ovis1.6/2 checkpoint's crop side;
+    for Ovis2.5/2.6 (native resolution) the side of the reference's default min_pixels, 448, so a
+    1x1 image takes 196 visual tokens and a 3x3 one 1764."""
+    config = json.loads((Path(model) / "config.json").read_text())
+    if "vit_config" in config:
+        from ovis_vllm.engine.preprocess_navit import DEFAULT_MIN_PIXELS
+
+        return math.isqrt(DEFAULT_MIN_PIXELS)
+    return config["visual_tokenizer_config"]["backbone_config"]["image_size"]
 
 
 def free_port() -> int:
@@ -359,9 +372,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--server", choices=["ours", "builtin", "both"], default="both")
     ap.add_argument("--url", help="benchmark this running server instead of starting one")
     ap.add_argument("--model", help="checkpoint path (started servers) or served name (--url)")
-    ap.add_argument("--preset", choices=["tiny", "wide", "ovis2-wide"], default="wide",
+    ap.add_argument("--preset", choices=["tiny", "wide", "ovis2-wide", "ovis2.5-9b", "ovis2.5-wide"],
+                    default="wide",
                     help="generate this checkpoint when --model is not given (wide: Ovis1.6-Gemma2-9B's "
-                         "widths, ovis2-wide: Ovis2-8B's, one layer each)")
+                         "widths, ovis2-wide: Ovis2-8B's, ovis2.5-wide: Ovis2.5-9B's, one layer each; "
+                         "ovis2.5-9b: its layout at small widths)")
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="mixed")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--requests", type=int, default=16, help="requests per level (at least the concurrency)")
@@ -408,8 +423,7 @@ def main(argv: list[str] | None = None) -> dict:
             from ovis_vllm.engine.checkpoints import write_checkpoint
 
             model = str(write_checkpoint(out / f"ckpt-{args.preset}", args.preset, seed=0))
-        side = json.loads((Path(model) / "config.json").read_text())[
-            "visual_tokenizer_config"]["backbone_config"]["image_size"]
+        side = image_side(model)
         kinds = ["ours", "builtin"] if args.server == "both" else [args.server]
         server_args = args.server_args.split()
         if args.workload == "realistic":

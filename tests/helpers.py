@@ -35,11 +35,14 @@ SIDE = 76  # the test presets' image side
 PARALLEL_SIZES = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
 
 
-def make_llm(model, **kwargs):
+def make_llm(model, in_process: bool = True, **kwargs):
     """An offline engine with the tests' defaults. A single-rank one runs its engine core and
     worker in this process (see in_process_engine_core): the same model code and scheduler,
     without two spawned processes that each import vLLM (~30 s per engine on a 2-core CPU).
-    Multi-rank engines, and every server the tests start, keep vLLM's processes."""
+    Multi-rank engines, and every server the tests start, keep vLLM's processes, as does an
+    engine made with in_process=False: a MoE model's, whose expert-parallel group vLLM creates
+    only when the first engine of a process is MoE (the in-process engines share this process's
+    groups, see shutdown)."""
     from vllm import LLM
 
     # LLM.apply_model() pickles a test's function to the workers; tests only.
@@ -49,7 +52,7 @@ def make_llm(model, **kwargs):
                 max_model_len=8192, max_num_seqs=32, limit_mm_per_prompt={"image": 4}, seed=0,
                 enable_prefix_caching=True)
     args.update(kwargs)
-    if any(args.get(size, 1) > 1 for size in PARALLEL_SIZES):
+    if not in_process or any(args.get(size, 1) > 1 for size in PARALLEL_SIZES):
         return LLM(**args)
     with in_process_engine_core():
         return LLM(**args)

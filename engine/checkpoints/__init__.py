@@ -48,7 +48,8 @@ def default_model_dir() -> Path:
 def main(argv: list[str] | None = None) -> None:
     from . import ovis, ovis2_5
 
-    ap = argparse.ArgumentParser(description="\n\n".join((__doc__, ovis.__doc__, ovis2_5.__doc__)),
+    ap = argparse.ArgumentParser(prog="python -m ovis_vllm.engine.checkpoints",
+                                 description="\n\n".join((__doc__, ovis.__doc__, ovis2_5.__doc__)),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir")
     ap.add_argument("--preset", choices=sorted(PRESETS) + sorted(OVIS2_5_PRESETS), default="tiny")
