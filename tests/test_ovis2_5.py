@@ -240,3 +240,48 @@ def test_server_answers_the_reference_through_the_openai_client(ovis25_server):
     assert_matches_reference(served_output(reply), reference,
                              {"turns": turns, "images": images, "video": None, "mm_kwargs": {}})
     assert "trust-remote-code" not in log.read_text()
+
+
+def mp4_clip(frames: int, width: int, height: int, seed: int) -> bytes:
+    """An mp4 (MPEG-4 part 2) of random frames, written with OpenCV as vLLM's loader reads it."""
+    import os
+    import tempfile
+
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "clip.mp4")
+        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 4, (width, height))
+        for _ in range(frames):
+            writer.write(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        writer.release()
+        return open(path, "rb").read()
+
+
+def test_video_url_answers_the_reference(ovis25_server):
+    """A video through the API (`video_url`, an mp4 data URL) gets the reference's prompt and
+    log-probabilities on the frames vLLM's video loader decodes from it: the reference takes
+    frames, decoding and sampling them is the server's (vLLM's default: up to 32 frames)."""
+    import openai
+    from PIL import Image
+    from vllm.multimodal.media import ImageMediaIO, VideoMediaIO
+
+    from tests.helpers import data_url, served_output
+
+    base, path, _ = ovis25_server
+    reference = ReferenceOvis25(path)
+    clip = mp4_clip(5, 96, 64, SEED % 1000)
+    decoded, _ = VideoMediaIO(ImageMediaIO(), num_frames=32).load_bytes(clip).media
+    frames = [Image.fromarray(f) for f in decoded]
+    assert len(frames) == 5
+    client = openai.OpenAI(base_url=base + "/v1", api_key="none")
+    content = [{"type": "video_url", "video_url": {"url": data_url(clip, "video/mp4")}},
+               {"type": "text", "text": "What happens?"}]
+    reply = client.chat.completions.create(
+        model=str(path), max_tokens=4, temperature=0, messages=[{"role": "user", "content": content}],
+        extra_body={"prompt_logprobs": 1, "return_token_ids": True,
+                    "chat_template_kwargs": {"enable_thinking": False}})
+    turns = [("user", [{"type": "video"}, {"type": "text", "text": "What happens?"}])]
+    assert_matches_reference(served_output(reply), reference,
+                             {"turns": turns, "images": [], "video": frames, "mm_kwargs": {}})
