@@ -60,15 +60,23 @@ def make_llm(model, in_process: bool = True, **kwargs):
 
 def start_two_rank_engine(checkpoint, **kwargs):
     """An engine over 2 ranks on vLLM's CPU backend, each rank's OpenMP pool on its own core."""
-    old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
-    try:
+    with environ_set("VLLM_CPU_OMP_THREADS_BIND", "0|1"):
         return make_llm(checkpoint, **{"max_num_seqs": 8, "distributed_executor_backend": "mp", **kwargs})
+
+
+@contextlib.contextmanager
+def environ_set(name: str, value: str):
+    """One environment variable set for the block, then restored (or removed) exactly; the
+    rest of os.environ, which vLLM itself writes while building an engine, is left alone."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
     finally:
         if old is None:
-            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
+            os.environ[name] = old
 
 
 @contextlib.contextmanager
@@ -80,15 +88,10 @@ def in_process_engine_core():
     is dropped, so later engines read the environment afresh."""
     import vllm.envs
 
-    old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     try:
-        yield
+        with environ_set("VLLM_ENABLE_V1_MULTIPROCESSING", "0"):
+            yield
     finally:
-        if old is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = old
         vllm.envs.disable_envs_cache()
 
 
