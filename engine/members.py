@@ -27,6 +27,7 @@ class Member:
     conversation: Conversation
     architectures: tuple[str, ...] = ("Ovis",)  # config.json's "architectures"
     video_pad_token: str | None = None  # fills a video's positions (None: no video)
+    thinks: bool = False  # a thinking mode (`<think>` ... `</think>`, the reference's budget)
 
 
 MEMBERS = (
@@ -41,10 +42,10 @@ MEMBERS = (
     # Ovis2.5-2B / -9B and Ovis2.6 dense: SigLIP2-NaViT + Qwen3 (engine/model_ovis2_5.py), the
     # checkpoint's own chat template, images and one video.
     Member("Ovis2.5", "qwen3", "siglip2_navit", "<|image_pad|>", False, QWEN3,
-           architectures=("Ovis2_5", "Ovis2_6ForCausalLM"), video_pad_token="<|video_pad|>"),
+           architectures=("Ovis2_5", "Ovis2_6ForCausalLM"), video_pad_token="<|video_pad|>", thinks=True),
     # Ovis2.6-30B-A3B: the same with a Qwen3-MoE LLM.
     Member("Ovis2.6-MoE", "qwen3_moe", "siglip2_navit", "<|image_pad|>", False, QWEN3,
-           architectures=("Ovis2_6_MoeForCausalLM",), video_pad_token="<|video_pad|>"),
+           architectures=("Ovis2_6_MoeForCausalLM",), video_pad_token="<|video_pad|>", thinks=True),
 )
 
 # The architectures this plugin registers (engine/__init__.py); each is built by the model file

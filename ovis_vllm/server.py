@@ -18,6 +18,9 @@ defaults fill in only what was not given:
 - a checkpoint vLLM's CPU backend cannot run on this CPU (GPTQ without AVX-512) is refused at
   start with the reason (engine/cpu_support.py), where vLLM alone fails at the first request;
   bf16 on a CPU without AVX-512 is served, with a warning that --dtype float32 is ~200x faster;
+- Ovis2.5/2.6 think: `--reasoning-parser qwen3`, so the thinking arrives in `reasoning_content`,
+  and the reference's thinking budget for `thinking_token_budget` (engine/thinking.py, a logits
+  processor added to --logits-processors); Ovis1.6/2 answer a budget with HTTP 400;
 - `--limit-mm-per-prompt {"image": 8}` on the Ovis1.6/2 checkpoints this plugin implements; Ovis2.5/
   2.6 and any other checkpoint keep vLLM's own limits (Ovis2.5: any number of images or one
   video, as the reference), so serving them here is never more restrictive;
@@ -261,6 +264,30 @@ def _checkpoint_defaults(argv: list[str], system_prompt: str) -> tuple[list[str]
     return argv, member
 
 
+def _thinking_defaults(argv: list[str], member) -> list[str]:
+    """Ovis2.5/2.6 think: vLLM's qwen3 reasoning parser (the checkpoint's `<think>` ... `</think>`
+    format) puts the thinking into `reasoning_content`, and the reference's thinking budget
+    (engine/thinking.py) serves `thinking_token_budget`. Members without thinking get a 400 for a
+    budget that names the reason. vLLM's V1 model runner refuses custom logits processors with
+    speculative decoding: there the budget is left to vLLM (a warning says so)."""
+    if member.thinks and not _given(argv, "--reasoning-parser"):
+        argv += ["--reasoning-parser", "qwen3"]
+    if _value(argv, "--runner") == "pooling":  # vLLM refuses logits processors there
+        return argv
+    if _given(argv, "--speculative-config"):
+        if member.thinks:
+            logger.warning("speculative decoding: thinking_token_budget is vLLM's (--reasoning-config), "
+                           "not the reference's two-phase budget (custom logits processors cannot run)")
+        return argv
+    processor = "ovis_vllm.engine.thinking:" + ("ThinkingBudget" if member.thinks else "NoThinking")
+    for i, arg in enumerate(argv):  # the user's processors stay; ours joins them
+        if arg == "--logits-processors":
+            return argv[:i + 1] + [processor] + argv[i + 1:]
+        if arg.startswith("--logits-processors="):
+            return argv[:i] + ["--logits-processors", processor, arg.split("=", 1)[1]] + argv[i + 1:]
+    return argv + ["--logits-processors", processor]
+
+
 def _take_option(argv: list[str], flag: str, default: str) -> str:
     """Remove `flag VALUE` / `flag=VALUE` from argv and return VALUE."""
     for i, arg in enumerate(argv):
@@ -322,6 +349,8 @@ def build_argv(argv: list[str]) -> list[str]:
     argv, member = _checkpoint_defaults(argv, system_prompt)
     if member is not None and "Ovis" in member.architectures and not _given(argv, "--limit-mm-per-prompt"):
         argv += ["--limit-mm-per-prompt", json.dumps({"image": DEFAULT_IMAGE_LIMIT})]
+    if member is not None:
+        argv = _thinking_defaults(argv, member)
     if not _has_cuda():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
         if not _given(argv, "--gpu-memory-utilization"):

@@ -97,6 +97,10 @@ INDICATOR_IDS = [-301, -302, -303, -304]  # image start, image end, video start,
 IMAGE_START_ID, IMAGE_END_ID, VIDEO_START_ID, VIDEO_END_ID = INDICATOR_IDS
 MIN_PIXELS, MAX_PIXELS = 448 * 448, 1792 * 1792
 THINK_END_TOKEN_ID, IM_END_TOKEN_ID = 151668, 151645  # of the published tokenizer (reference chat())
+# chat()'s text for a thinking budget that runs out (modeling_ovis.py; the checkpoints' generate
+# has the same string).
+EARLY_STOP_TEXT = ("\n\nConsidering the limited time by the user, I have to give the solution "
+                   "based on the thinking directly now.\n</think>\n\n")
 
 # Deviations from the reference that can be switched on on purpose (none by default).
 QUIRKS = ("post_layernorm",)
@@ -613,13 +617,15 @@ class ReferenceOvis25:
         return [None] + [lp[i - 1, t].item() if t >= 0 else None for i, t in enumerate(ids) if i > 0]
 
     @torch.no_grad()
-    def greedy(self, embeds: torch.Tensor, max_new_tokens: int):
+    def greedy(self, embeds: torch.Tensor, max_new_tokens: int, logit_bias: dict[int, float] | None = None):
         """Greedy tokens (until one of the checkpoint's eos ids) and, per step, the logits they
-        were chosen from."""
+        were chosen from (`logit_bias` added first, as an OpenAI request's)."""
         tokens, step_logits = [], []
         table = self.llm.get_input_embeddings().weight
         for _ in range(max_new_tokens):
             logits = self.logits(embeds)[-1]
+            for token, bias in (logit_bias or {}).items():
+                logits[token] += bias
             tok = int(logits.argmax())
             tokens.append(tok)
             step_logits.append(logits)
@@ -627,3 +633,26 @@ class ReferenceOvis25:
                 break
             embeds = torch.cat([embeds, table[tok][None].to(embeds.dtype)])
         return tokens, step_logits
+
+    @torch.no_grad()
+    def generate_with_thinking_budget(self, embeds: torch.Tensor, thinking_budget: int, max_new_tokens: int,
+                                      logit_bias: dict[int, float] | None = None) -> list[int]:
+        """chat()'s two-phase generation with enable_thinking and a thinking budget, greedy: phase
+        1 generates at most `thinking_budget` tokens; if they hold `<|im_end|>` they are the
+        answer; if they hold no `</think>`, EARLY_STOP_TEXT (tokenized on its own) is appended;
+        phase 2 generates what is left of max_new_tokens after the prompt and all of that,
+        prefilled again (GitHub's way). chat() skips the budget when it is 0 (the checkpoints'
+        generate fails on 0); here 0 runs the same two phases with an empty first phase, which
+        is what the plugin serves (docs/reference.md)."""
+        phase1, _ = self.greedy(embeds, thinking_budget, logit_bias) if thinking_budget else ([], [])
+        if IM_END_TOKEN_ID in phase1:
+            return phase1
+        intermediate = list(phase1)
+        if THINK_END_TOKEN_ID not in intermediate:
+            intermediate += self.tokenizer(EARLY_STOP_TEXT, add_special_tokens=False).input_ids
+        remaining = max_new_tokens - len(intermediate)
+        if remaining <= 0:
+            return intermediate
+        table = self.llm.get_input_embeddings().weight
+        phase2, _ = self.greedy(torch.cat([embeds, table[intermediate].to(embeds.dtype)]), remaining, logit_bias)
+        return intermediate + phase2

@@ -26,7 +26,7 @@ from tests.helpers import (
     start_two_rank_engine,
     with_extra_token,
 )
-from tests.ovis25_reference import ReferenceOvis25, content_items
+from tests.ovis25_reference import EARLY_STOP_TEXT, THINK_END_TOKEN_ID, ReferenceOvis25, content_items
 
 LIMITS = {"image": 4, "video": 1}
 
@@ -285,3 +285,124 @@ def test_video_url_answers_the_reference(ovis25_server):
     turns = [("user", [{"type": "video"}, {"type": "text", "text": "What happens?"}])]
     assert_matches_reference(served_output(reply), reference,
                              {"turns": turns, "images": [], "video": frames, "mm_kwargs": {}})
+
+
+# ---- thinking ---------------------------------------------------------------------------------
+THINKING_MAX_TOKENS = 90  # room for the budget, TRANSITION (about 60 tokens in the mirrored tokenizer) and an answer
+
+
+@pytest.fixture(scope="module")
+def thinking(ovis25_server):
+    """The server, an openai client, the reference, a thinking prompt (the template's default)
+    with its embeddings, and a logit bias on `</think>` under which greedy decoding closes the
+    thinking at once (random weights never close it on their own: the bias beats `</think>`'s
+    gap to the best first token by 1)."""
+    import openai
+
+    base, path, _ = ovis25_server
+    reference = ReferenceOvis25(path)
+    text = "Think it over."
+    embeds, _ = reference.merged_embeddings(reference.format_conversation([("user", text)], enable_thinking=True))
+    _, step_logits = reference.greedy(embeds, 1)
+    bias = (step_logits[0].max() - step_logits[0][THINK_END_TOKEN_ID]).item() + 1.0
+    client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
+    return client, path, reference, [{"role": "user", "content": text}], embeds, bias
+
+
+def ask(client, path, messages, stream=False, **extra_body):
+    """Greedy, without generation_config.json's repetition penalty (which the server applies by
+    default, and the reference's generate too: the reference here decodes plain greedy)."""
+    return client.chat.completions.create(
+        model=str(path), messages=messages, max_tokens=THINKING_MAX_TOKENS, temperature=0, stream=stream,
+        extra_body={"return_token_ids": True, "repetition_penalty": 1.0, **extra_body})
+
+
+def split_at_think_end(tokenizer, ids: list[int]) -> tuple[str | None, str | None]:
+    """(reasoning, answer) as vLLM's qwen3 reasoning parser splits an output: everything before
+    the first `</think>` is reasoning (the model's `<think>` may be missing), the rest, without
+    `</think>` tokens, the answer; without `</think>` the whole output is reasoning (empty
+    parts are None)."""
+    if THINK_END_TOKEN_ID not in ids:
+        return tokenizer.decode(ids), None
+    end = ids.index(THINK_END_TOKEN_ID)
+    answer = [t for t in ids[end + 1:] if t != THINK_END_TOKEN_ID]
+    return tokenizer.decode(ids[:end]) or None, tokenizer.decode(answer) or None
+
+
+# budget, whether `</think>` is biased (then the model closes its thinking as its first token),
+# whether the reference appends its transition.
+BUDGET_CASES = {"inside the thinking": (3, False, True), "at its end": (1, True, False),
+                "after it": (4, True, False), "zero": (0, True, True), "none": (None, True, False)}
+
+
+@pytest.mark.parametrize("where", BUDGET_CASES)
+def test_thinking_budget_is_the_reference_two_phase_generation(thinking, where):
+    """`thinking_token_budget` through the API gives the tokens of the reference's two-phase
+    generation (phase 1 up to the budget; its transition appended only when phase 1 did not
+    close the thinking; phase 2 prefilled again), greedy: a budget that runs out inside the
+    thinking, one that ends on the model's own `</think>`, one past it, and 0 (the transition
+    at once, before the `</think>` the model would write); no budget is plain greedy. The
+    thinking arrives in `reasoning`, the answer in `content`."""
+    client, path, reference, messages, embeds, bias = thinking
+    budget, biased, appends = BUDGET_CASES[where]
+    logit_bias = {THINK_END_TOKEN_ID: bias} if biased else None
+    if budget is None:
+        want, _ = reference.greedy(embeds, THINKING_MAX_TOKENS, logit_bias)
+    else:
+        want = reference.generate_with_thinking_budget(embeds, budget, THINKING_MAX_TOKENS, logit_bias)
+    transition = reference.tokenizer(EARLY_STOP_TEXT, add_special_tokens=False).input_ids
+    assert (budget is not None and want[budget:budget + len(transition)] == transition) == appends
+    assert (want[0] == THINK_END_TOKEN_ID) == (biased and budget != 0), "the cases do not cover what they name"
+
+    body = {} if budget is None else {"thinking_token_budget": budget}
+    if biased:
+        body["logit_bias"] = {str(THINK_END_TOKEN_ID): bias}
+    choice = ask(client, path, messages, **body).choices[0]
+    assert choice.model_extra["token_ids"] == want[:THINKING_MAX_TOKENS]
+    reasoning, answer = split_at_think_end(reference.tokenizer, want[:THINKING_MAX_TOKENS])
+    assert (choice.message.model_extra.get("reasoning"), choice.message.content) == (reasoning, answer)
+
+
+def test_thinking_streams_as_it_answers(thinking):
+    """Streamed, the reasoning and answer deltas add up to the unstreamed reply's."""
+    client, path, _, messages, _, _ = thinking
+    body = {"thinking_token_budget": 3}
+    whole = ask(client, path, messages, **body).choices[0].message
+    stream = ask(client, path, messages, stream=True, **body)
+    reasoning, answer = [], []
+    for chunk in stream:
+        for choice in chunk.choices:
+            reasoning.append((choice.delta.model_extra or {}).get("reasoning") or "")
+            answer.append(choice.delta.content or "")
+    assert "".join(reasoning) == whole.model_extra["reasoning"] and whole.model_extra["reasoning"]
+    assert "".join(answer) == whole.content and whole.content
+
+
+@pytest.mark.parametrize("switch", [{"chat_template_kwargs": {"enable_thinking": False}},
+                                    {"reasoning_effort": "none"}])
+def test_thinking_off_as_the_template_does_it(thinking, switch):
+    """enable_thinking false and reasoning_effort "none" both give the template's empty think
+    block at the prompt's end; the reply is the reference's greedy answer, all in `content`,
+    and a budget changes nothing (the reference budgets only a thinking turn)."""
+    client, path, reference, messages, _, _ = thinking
+    raw = reference.format_conversation([("user", messages[0]["content"])], enable_thinking=False)
+    embeds, ids = reference.merged_embeddings(raw)
+    want, _ = reference.greedy(embeds, THINKING_MAX_TOKENS)
+    for budget in ({}, {"thinking_token_budget": 0}):
+        reply = ask(client, path, messages, **switch, **budget)
+        assert reply.model_extra["prompt_token_ids"] == ids
+        assert reply.choices[0].model_extra["token_ids"] == want
+        assert reply.choices[0].message.model_extra.get("reasoning") is None
+        assert reply.choices[0].message.content == reference.tokenizer.decode(want)
+
+
+@pytest.mark.parametrize("budget", [-2, 1.5, "many", True])
+def test_bad_thinking_budget_is_a_400(thinking, budget):
+    """A budget that is not an integer >= 0 (vLLM's -1, "unlimited", is no budget) is a 400
+    naming the field, and the server goes on answering."""
+    import openai
+
+    client, path, _, messages, _, _ = thinking
+    with pytest.raises(openai.BadRequestError, match="thinking_token_budget"):
+        ask(client, path, messages, thinking_token_budget=budget)
+    assert ask(client, path, messages, thinking_token_budget=1).choices[0].model_extra["token_ids"]

@@ -148,6 +148,14 @@ def test_bad_input_is_a_clear_4xx(server, client, name):
     assert chat(client, user("Describe.", data_url(IMAGES[1]))).choices[0].message.content is not None
 
 
+def test_thinking_budget_without_a_thinking_mode_is_a_400(server, client):
+    """Ovis1.6/2 do not think: a thinking budget is refused with the reason (vLLM alone would
+    ask for a reasoning parser), and the server goes on answering."""
+    response = post(server, {"messages": user("Hi"), "thinking_token_budget": 8})
+    assert response.status_code == 400 and "no thinking mode" in response.text, response.text
+    assert chat(client, user("Hi")).choices[0].message.content is not None
+
+
 def test_unknown_model_and_malformed_json(server):
     unknown = post(server, {"messages": user("Hi")}, model="no-such-model")
     assert unknown.status_code == 404 and "no-such-model" in unknown.text

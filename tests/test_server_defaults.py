@@ -90,6 +90,32 @@ def test_ovis2_defaults(tmp_path):
     assert "--max-model-len" not in argv  # Qwen2.5 allows 32768 = multimodal_max_length
 
 
+def test_thinking_defaults(tiny_checkpoint, tmp_path):
+    """Ovis2.5/2.6: the qwen3 reasoning parser and the reference's thinking budget, each unless
+    the user chose otherwise (a user's logits processors are kept beside ours); none of it where
+    vLLM cannot take it (speculative decoding, a pooling runner). Ovis1.6/2: the processor that
+    refuses a budget with the reason; no reasoning parser."""
+    from ovis_vllm.engine.checkpoints import write_checkpoint
+
+    ours = "ovis_vllm.engine.thinking:ThinkingBudget"
+    path = str(write_checkpoint(tmp_path / "ovis2.5", "ovis2.5-2b", seed=SEED))
+    argv = build_argv(["--model", path])
+    assert _value(argv, "--reasoning-parser") == "qwen3" and _value(argv, "--logits-processors") == ours
+    chosen = build_argv(["--model", path, "--reasoning-parser", "deepseek_r1", "--logits-processors", "my.mod:Proc"])
+    assert _value(chosen, "--reasoning-parser") == "deepseek_r1" and chosen.count("--reasoning-parser") == 1
+    i = chosen.index("--logits-processors")
+    assert chosen[i + 1:i + 3] == [ours, "my.mod:Proc"] and chosen.count("--logits-processors") == 1
+    equals = build_argv(["--model", path, "--logits-processors=my.mod:Proc"])
+    i = equals.index("--logits-processors")
+    assert equals[i + 1:i + 3] == [ours, "my.mod:Proc"]
+    speculative = build_argv(["--model", path, "--speculative-config", '{"method": "ngram"}'])
+    assert "--logits-processors" not in speculative and _value(speculative, "--reasoning-parser") == "qwen3"
+    assert "--logits-processors" not in build_argv(["--model", path, "--runner", "pooling"])
+    gemma = build_argv(["--model", str(tiny_checkpoint)])
+    assert _value(gemma, "--logits-processors") == "ovis_vllm.engine.thinking:NoThinking"
+    assert "--reasoning-parser" not in gemma
+
+
 def test_image_limit_only_on_checkpoints_we_implement(tiny_checkpoint, tmp_path):
     """Our 8-image default is for the members this plugin serves; any other checkpoint (an
     Ovis2.5-shaped one, which vLLM's built-in serves, or a text-only Llama) keeps vLLM's own
