@@ -9,7 +9,9 @@ records lazy `module:class` paths, so calling it again is harmless. It registers
   --trust-remote-code;
 - our renderer for vLLM's "hf" renderer mode (engine/renderer.py): it tokenizes Ovis prompts the
   reference's way and behaves exactly as vLLM's for every other model;
-- our media connector for `image_url` inputs (VLLM_MEDIA_CONNECTOR=ovis, unless set);
+- our media connector for `image_url` inputs (VLLM_MEDIA_CONNECTOR=ovis, unless set) and our
+  video loader (VLLM_VIDEO_LOADER_BACKEND=ovis, unless set: vLLM's, plus the reference guides'
+  frame sampling as an option, engine/video.py);
 - for every model it serves, the repair of vLLM's multimodal processor cache
   (engine/processor_cache.py): refused requests leave no stale entry, and cache drift is
   resent once by the server instead of answered with HTTP 500;
@@ -45,6 +47,9 @@ def register() -> None:
     # Set directly: RendererRegistry.register() would log an "overwritten" warning per process.
     RENDERER_REGISTRY.renderers["hf"] = ("ovis_vllm.engine.renderer", "OvisHfRenderer")
     from . import media  # noqa: F401  registers the "ovis" media connector (VLLM_MEDIA_CONNECTOR=ovis)
+    # vLLM's video loader with the reference guides' frame sampling as options (engine/video.py).
+    os.environ.setdefault("VLLM_VIDEO_LOADER_BACKEND", "ovis")
+    from . import video  # noqa: F401  registers the "ovis" video loader
     from .processor_cache import install as keep_processor_cache_true
 
     keep_processor_cache_true()  # no 5xx after refused requests (engine/processor_cache.py)

@@ -38,7 +38,9 @@ MEMBERS = (
     Member("Ovis1.6-Llama3.2", "llama", "siglip_visual_tokenizer", "<|reserved_special_token_0|>",
            False, LLAMA3),
     # Ovis2-1B ... 34B: AIMv2 + Qwen2.5, no embedding scale.
-    Member("Ovis2", "qwen2", "aimv2_visual_tokenizer", "<|image_pad|>", False, QWEN),
+    # A video is its frames, each an image with max_partition 1, as Ovis2's guide runs one.
+    Member("Ovis2", "qwen2", "aimv2_visual_tokenizer", "<|image_pad|>", False, QWEN,
+           video_pad_token="<|video_pad|>"),
     # Ovis2.5-2B / -9B and Ovis2.6 dense: SigLIP2-NaViT + Qwen3 (engine/model_ovis2_5.py), the
     # checkpoint's own chat template, images and one video.
     Member("Ovis2.5", "qwen3", "siglip2_navit", "<|image_pad|>", False, QWEN3,

@@ -18,6 +18,8 @@ checkpoint's quantization applies to the LLM only.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -33,7 +35,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from .cpu_support import cpu_cannot_serve
 from .members import member_of
 from .model_base import OvisModelBase
-from .placeholders import IMAGE_ATOM, IMAGE_TOKEN, NUM_INDICATORS, image_layout, indicator_vte_row
+from .placeholders import IMAGE_ATOM, IMAGE_TOKEN, NUM_INDICATORS, VIDEO_TOKEN, image_layout, indicator_vte_row
 from .processor import dummy_inputs_for, processing_info_for, processor_for
 from .visual_vocab import VisualVocabulary
 
@@ -85,7 +87,9 @@ class Ovis(OvisModelBase):
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
         if modality.startswith("image"):
             return IMAGE_TOKEN
-        raise ValueError(f"Ovis supports images only, not {modality}")
+        if modality.startswith("video"):  # Ovis2 (engine/processor.py); vLLM refuses it elsewhere
+            return VIDEO_TOKEN
+        raise ValueError(f"Ovis takes images (and Ovis2 a video), not {modality}")
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
@@ -116,7 +120,7 @@ class Ovis(OvisModelBase):
         self.llm.embedding_modules = {}
         vocab = config.visual_tokenizer_config.vocab_size
         self.visual_vocab = VisualVocabulary(vllm_config, vocab, NUM_INDICATORS)
-        with self._mark_tower_model(vllm_config, "image"):
+        with self._mark_tower_model(vllm_config, {"image", "video"}):
             self.visual_tokenizer = OvisVisualTokenizer(
                 config.visual_tokenizer_config, self.visual_vocab,
                 prefix=maybe_prefix(prefix, "visual_tokenizer"))
@@ -146,13 +150,21 @@ class Ovis(OvisModelBase):
             images.append(table.index_select(0, rows))
         return images
 
-    def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
-        pixel_values, grids = kwargs.get("pixel_values"), kwargs.get("grids")
-        if pixel_values is None:
-            return []
+    def _visual_logits(self, pixel_values) -> torch.Tensor:
         if isinstance(pixel_values, (list, tuple)):
             pixel_values = torch.cat(list(pixel_values))
-        grids = [tuple(int(v) for v in g) for g in torch.as_tensor(grids).reshape(-1, 2).tolist()]
-        dtype = self.vte.indicators.dtype
-        logits = self.visual_tokenizer(pixel_values.to(dtype))
-        return tuple(self._image_embeddings(logits, grids))
+        return self.visual_tokenizer(pixel_values.to(self.vte.indicators.dtype))
+
+    def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
+        """Per item in prompt order: an image's rows, or a video's (Ovis2): each frame's rows as
+        a 1x1-grid image, one after the other (the text between frames is not embedded here)."""
+        embeddings = []
+        if kwargs.get("pixel_values") is not None:
+            grids = [tuple(int(v) for v in g) for g in torch.as_tensor(kwargs["grids"]).reshape(-1, 2).tolist()]
+            embeddings += self._image_embeddings(self._visual_logits(kwargs["pixel_values"]), grids)
+        if kwargs.get("video_pixel_values") is not None:
+            frames = torch.as_tensor(kwargs["video_frames"]).reshape(-1).tolist()
+            rows = self._image_embeddings(self._visual_logits(kwargs["video_pixel_values"]), [(1, 1)] * sum(frames))
+            for end, count in zip(itertools.accumulate(frames), frames):
+                embeddings.append(torch.cat(rows[end - count:end]))
+        return tuple(embeddings)

@@ -6,6 +6,13 @@ is one id there, the member's image pad token (engine/members.py). Each is repla
 many embeddings per image, indicators included, in the reference's order. Prompts given as
 token ids mark images with the pad token id.
 
+A video (Ovis2; its guide runs one as its frames): each frame is an image with max_partition 1,
+and the frames stand where the guide's prompt has '\n'.join(['<image>'] * frames). The video's
+one `<video>` id (the member's video pad token) becomes each frame's run of image pad ids, with
+the id(s) of "\n", tokenized on its own as the reference tokenizes the text between markers,
+between frames. vLLM's video loader samples the frames (--media-io-kwargs, default 32); a video
+may not have more than the server's num_frames, for which the encoder budget was sized.
+
 Per-server options (``--mm-processor-kwargs``) and per-request ``mm_processor_kwargs``:
 ``max_partition`` (default 9), ``covering_threshold`` (default 0.9), ``max_pixels``.
 """
@@ -29,15 +36,18 @@ from vllm.multimodal.processing import (
     BaseMultiModalProcessor,
     BaseProcessingInfo,
     PromptReplacement,
+    PromptUpdateDetails,
 )
 from vllm.renderers import TokenizeParams
 
-from .members import Member, image_pad_id, member_of
-from .placeholders import IMAGE_TOKEN, num_crops, num_image_tokens, tokens_per_crop
+from .members import Member, image_pad_id, member_of, pad_token_id
+from .placeholders import IMAGE_TOKEN, VIDEO_TOKEN, num_crops, num_image_tokens, tokens_per_crop
 from .preprocess import DEFAULT_MAX_PIXELS, preprocess_image
 
 DEFAULT_MAX_PARTITION = 9
 DEFAULT_COVERING_THRESHOLD = 0.9
+DEFAULT_VIDEO_FRAMES = 32  # vLLM's video loader's default num_frames
+FRAME_GRID = (1, 1)  # a video frame: max_partition 1, as the Ovis2 guide
 PROCESSOR_OPTIONS = ("max_partition", "covering_threshold", "max_pixels")
 
 
@@ -102,11 +112,49 @@ class MemberProcessingInfo(BaseProcessingInfo):
         return {}  # no Hugging Face processor: our options stay flat
 
 
+def server_video_frames(ctx) -> int:
+    """The most frames vLLM's video loader gives a video on this server (--media-io-kwargs)."""
+    media = (ctx.model_config.multimodal_config.media_io_kwargs or {}).get("video", {})
+    frames = media.get("num_frames", DEFAULT_VIDEO_FRAMES)
+    return frames if isinstance(frames, int) and frames > 0 else DEFAULT_VIDEO_FRAMES
+
+
+def video_frames(video: object) -> list[Image.Image]:
+    """A video as vLLM hands it over (frames array [T, H, W, C], list of frames, or either with
+    its metadata) -> PIL frames."""
+    if isinstance(video, tuple):
+        video = video[0]
+    if isinstance(video, torch.Tensor):
+        video = video.cpu().numpy()
+    if isinstance(video, np.ndarray):
+        if video.ndim != 4:
+            raise ValueError(f"a video must be frames [T, H, W, C], got shape {video.shape}")
+        return [Image.fromarray(np.ascontiguousarray(frame.astype(np.uint8))) for frame in video]
+    return [_as_pil(frame) for frame in video]
+
+
 class OvisProcessingInfo(MemberProcessingInfo):
     @functools.cached_property
     def image_pad_id(self) -> int:
         """The one id that marks an image in a tokenized prompt and fills its positions."""
         return image_pad_id(self.get_tokenizer(), self.member)
+
+    @functools.cached_property
+    def video_pad_id(self) -> int | None:
+        """The id that marks a video (Ovis2), or None for a member without video."""
+        token = self.member.video_pad_token
+        return None if token is None else pad_token_id(self.get_tokenizer(), self.member, token)
+
+    @functools.cached_property
+    def frame_separator(self) -> list[int]:
+        """The ids of the text between two frames' `<image>` markers in the guide's prompt."""
+        return self.get_tokenizer().encode("\n", add_special_tokens=False)
+
+    def frame_tokens(self) -> int:
+        return num_image_tokens(FRAME_GRID, self.tokens_per_crop)
+
+    def video_tokens(self, frames: int) -> int:
+        return frames * self.frame_tokens() + (frames - 1) * len(self.frame_separator)
 
     @property
     def backbone_config(self):
@@ -138,7 +186,8 @@ class OvisProcessingInfo(MemberProcessingInfo):
         return tokens_per_crop(self.image_side, self.backbone_config.patch_size, cfg.hidden_stride)
 
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
-        return {"image": None}
+        # One video per prompt, as the guide (frames as images: nothing else limits it).
+        return {"image": None} if self.member.video_pad_token is None else {"image": None, "video": 1}
 
     def processor_options(self, request_kwargs: Mapping[str, object]) -> dict[str, object]:
         """Server-level --mm-processor-kwargs merged with the request's, validated: a bad name,
@@ -178,19 +227,31 @@ class OvisProcessingInfo(MemberProcessingInfo):
         return ImageSize(width=cols * self.image_side, height=rows * self.image_side)
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
-        return {"image": num_image_tokens(self.max_grid(), self.tokens_per_crop)}
+        most = {"image": num_image_tokens(self.max_grid(), self.tokens_per_crop)}
+        if self.video_pad_id is not None:
+            most["video"] = self.video_tokens(server_video_frames(self.ctx))
+        return most
 
 
 class OvisDummyInputsBuilder(BaseDummyInputsBuilder[OvisProcessingInfo]):
     def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
-        # Tokenized whole by vLLM (not by our renderer): the pad token is one special token.
-        return self.info.member.image_pad_token * mm_counts.get("image", 0)
+        # Tokenized whole by vLLM (not by our renderer): the pad tokens are special tokens.
+        member = self.info.member
+        return (member.image_pad_token * mm_counts.get("image", 0)
+                + (member.video_pad_token or "") * mm_counts.get("video", 0))
 
     def get_dummy_mm_data(self, seq_len, mm_counts, mm_options):
         size = self.info.get_image_size_with_most_features()
-        return {"image": self._get_dummy_images(
+        options = mm_options or {}
+        data = {"image": self._get_dummy_images(
             width=size.width, height=size.height, num_images=mm_counts.get("image", 0),
-            overrides=mm_options.get("image") if mm_options else None)}
+            overrides=options.get("image"))}
+        if mm_counts.get("video", 0):
+            side = self.info.image_side
+            data["video"] = self._get_dummy_videos(
+                width=side, height=side, num_frames=server_video_frames(self.info.ctx),
+                num_videos=mm_counts["video"], overrides=options.get("video"))
+        return data
 
 
 def _as_pil(image: object) -> Image.Image:
@@ -209,11 +270,14 @@ class OvisMultiModalProcessor(BaseMultiModalProcessor[OvisProcessingInfo]):
     def apply(self, inputs, timing_ctx):
         # vLLM checks that every image finds a marker, not that every marker gets an image; a
         # marker left over would reach the model as plain text. The reference raises here too.
-        images = inputs.mm_data_items.get_all_counts().get("image", 0)
-        markers = inputs.prompt.count(self.info.image_pad_id)
-        if markers != images:
-            raise ValueError(f"the prompt has {markers} {IMAGE_TOKEN} marker(s) but {images} "
-                             f"image(s) were given; each image needs exactly one marker")
+        counts = inputs.mm_data_items.get_all_counts()
+        for modality, marker, pad_id in (("image", IMAGE_TOKEN, self.info.image_pad_id),
+                                         ("video", VIDEO_TOKEN, self.info.video_pad_id)):
+            markers = 0 if pad_id is None else inputs.prompt.count(pad_id)
+            if markers != counts.get(modality, 0):
+                raise ValueError(f"the prompt has {markers} {marker} marker(s) but "
+                                 f"{counts.get(modality, 0)} {modality}(s) were given; each "
+                                 f"{modality} needs exactly one marker")
         return super().apply(inputs, timing_ctx)
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
@@ -223,37 +287,69 @@ class OvisMultiModalProcessor(BaseMultiModalProcessor[OvisProcessingInfo]):
         # The model casts pixels to its dtype before anything else; casting here gives the same
         # values and halves (bf16) what the processor caches keep and what goes to the engine.
         dtype = self.info.ctx.model_config.dtype
+
+        def preprocess(image, what: str, **overrides):
+            try:
+                px, grid = preprocess_image(_as_pil(image), side, **{**opts, **overrides}, **settings)
+            except ValueError as exc:
+                raise ValueError(f"{what}: {exc}") from exc
+            return px.to(dtype), grid
+
         pixels, grids = [], []
         for index, image in enumerate(hf_data.get("images", [])):
-            try:
-                px, grid = preprocess_image(_as_pil(image), side, **opts, **settings)
-            except ValueError as exc:
-                raise ValueError(f"image {index}: {exc}") from exc
-            pixels.append(px.to(dtype))
+            px, grid = preprocess(image, f"image {index}")
+            pixels.append(px)
             grids.append(grid)
-        return BatchFeature({
-            "pixel_values": torch.cat(pixels) if pixels else torch.empty(0, 3, side, side, dtype=dtype),
-            "grids": torch.tensor(grids, dtype=torch.long).reshape(-1, 2),
-        })
+        out = {"pixel_values": torch.cat(pixels) if pixels else torch.empty(0, 3, side, side, dtype=dtype),
+               "grids": torch.tensor(grids, dtype=torch.long).reshape(-1, 2)}
+        frames_per_video, frame_pixels = [], []
+        most = server_video_frames(self.info.ctx)
+        for index, video in enumerate(hf_data.get("videos", [])):
+            frames = video_frames(video)
+            if not 1 <= len(frames) <= most:
+                raise ValueError(f"video {index} has {len(frames)} frames; this server takes 1 to "
+                                 f"{most} (--media-io-kwargs '{{\"video\": {{\"num_frames\": N}}}}')")
+            frames_per_video.append(len(frames))
+            frame_pixels += [preprocess(frame, f"video {index} frame {i}", max_partition=1)[0]
+                             for i, frame in enumerate(frames)]
+        if frames_per_video:
+            out["video_pixel_values"] = torch.cat(frame_pixels)
+            out["video_frames"] = torch.tensor(frames_per_video, dtype=torch.long)
+        return BatchFeature(out)
 
     def _get_mm_fields_config(self, hf_inputs: BatchFeature, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:
         # Empty when every image of the request came from the processor cache.
         grids = hf_inputs.get("grids", torch.empty(0, 2, dtype=torch.long))
         crops = torch.tensor([num_crops(tuple(g)) for g in grids.tolist()], dtype=torch.long)
-        return {
+        fields = {
             "pixel_values": MultiModalFieldConfig.flat_from_sizes("image", crops),
             "grids": MultiModalFieldConfig.batched("image", keep_on_cpu=True),
         }
+        if self.info.video_pad_id is not None:
+            frames = hf_inputs.get("video_frames", torch.empty(0, dtype=torch.long))
+            fields["video_pixel_values"] = MultiModalFieldConfig.flat_from_sizes("video", frames)
+            fields["video_frames"] = MultiModalFieldConfig.batched("video", keep_on_cpu=True)
+        return fields
 
     def _get_prompt_updates(self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs,
                             out_mm_kwargs: MultiModalKwargsItems) -> list[PromptReplacement]:
         per_crop, pad_id = self.info.tokens_per_crop, self.info.image_pad_id
 
-        def replacement(item_idx: int) -> list[int]:
+        def image(item_idx: int) -> list[int]:
             grid = tuple(out_mm_kwargs["image"][item_idx]["grids"].data.tolist())
             return [pad_id] * num_image_tokens(grid, per_crop)
 
-        return [PromptReplacement(modality="image", target=[pad_id], replacement=replacement)]
+        def video(item_idx: int) -> PromptUpdateDetails:
+            frames = int(out_mm_kwargs["video"][item_idx]["video_frames"].data)
+            frame = [pad_id] * self.info.frame_tokens()
+            ids = frame + (self.info.frame_separator + frame) * (frames - 1)
+            return PromptUpdateDetails.select_token_id(ids, embed_token_id=pad_id)
+
+        updates = [PromptReplacement(modality="image", target=[pad_id], replacement=image)]
+        if self.info.video_pad_id is not None:
+            updates.append(PromptReplacement(modality="video", target=[self.info.video_pad_id],
+                                             replacement=video))
+        return updates
 
 
 def processor_factories(info_class, dummy_class, processor_class, builtin):

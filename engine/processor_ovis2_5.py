@@ -20,7 +20,6 @@ import math
 import threading
 from collections.abc import Mapping
 
-import numpy as np
 import torch
 from PIL import Image
 from transformers import BatchFeature
@@ -38,7 +37,7 @@ from .preprocess_navit import (
     max_resized_pixels,
     preprocess_frames,
 )
-from .processor import MemberProcessingInfo, _as_pil, _option, processor_factories
+from .processor import MemberProcessingInfo, _as_pil, _option, processor_factories, video_frames
 
 # VTE rows V-4 .. V-1: image start, image end, video start, video end (constants -301 .. -304).
 NUM_INDICATORS = 4
@@ -49,20 +48,6 @@ RESAMPLE = {2: Image.Resampling.BILINEAR, 3: Image.Resampling.BICUBIC}
 def indicator_rows(video: bool) -> tuple[int, int]:
     """(start, end) among the 4 indicator rows."""
     return (2, 3) if video else (0, 1)
-
-
-def _frames(video: object) -> list[Image.Image]:
-    """A video as vLLM hands it over (frames array [T, H, W, C], list of frames, or either with
-    its metadata) -> PIL frames."""
-    if isinstance(video, tuple):
-        video = video[0]
-    if isinstance(video, torch.Tensor):
-        video = video.cpu().numpy()
-    if isinstance(video, np.ndarray):
-        if video.ndim != 4:
-            raise ValueError(f"a video must be frames [T, H, W, C], got shape {video.shape}")
-        return [Image.fromarray(np.ascontiguousarray(frame.astype(np.uint8))) for frame in video]
-    return [_as_pil(frame) for frame in video]
 
 
 class Ovis2_5ProcessingInfo(MemberProcessingInfo):
@@ -200,7 +185,7 @@ class Ovis2_5MultiModalProcessor(BaseMultiModalProcessor[Ovis2_5ProcessingInfo])
                                         ("videos", "video_pixel_values", "video_grids")):
             pixels, grids = [], []
             for index, item in enumerate(hf_data.get(modality, [])):
-                frames = [_as_pil(item)] if modality == "images" else _frames(item)
+                frames = [_as_pil(item)] if modality == "images" else video_frames(item)
                 try:
                     px, grid = preprocess_frames(frames, **settings)
                 except ValueError as exc:

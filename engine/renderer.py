@@ -17,18 +17,21 @@ image's positions. Refused with a clear error, as the reference refuses them:
 
 from __future__ import annotations
 
+import re
+
 from vllm.renderers.hf import HfRenderer
 
 from .members import OVIS2_5_ARCHITECTURES, OVIS_ARCHITECTURES, member_of, pad_token_id
 from .placeholders import IMAGE_TOKEN, VIDEO_TOKEN
 
 
-def reference_token_ids(tokenizer, text: str, marker_id: int, pad_tokens: dict[str, tuple[str, int]],
-                        marker: str = IMAGE_TOKEN) -> list[int]:
-    """The pieces of `text` between `marker`s, each tokenized on its own without special
-    tokens, with `marker_id` between pieces. `pad_tokens` (modality -> (token, id)) may not
-    appear as text."""
-    pieces = text.split(marker)
+def reference_token_ids(tokenizer, text: str, marker_ids: dict[str, int],
+                        pad_tokens: dict[str, tuple[str, int]]) -> list[int]:
+    """The pieces of `text` between markers (the keys of `marker_ids`), each tokenized on its own
+    without special tokens, with each marker's id between pieces. `pad_tokens` (modality ->
+    (token, id)) may not appear as text."""
+    parts = re.split("(" + "|".join(map(re.escape, marker_ids)) + ")", text)
+    pieces, markers = parts[0::2], parts[1::2]
     encoded = tokenizer(pieces, add_special_tokens=False)["input_ids"]
     ids: list[int] = []
     for i, piece_ids in enumerate(encoded):
@@ -38,7 +41,7 @@ def reference_token_ids(tokenizer, text: str, marker_id: int, pad_tokens: dict[s
                                  f"text; it is reserved for {modality} positions: mark each "
                                  f"{modality} with <{modality}>")
         if i:
-            ids.append(marker_id)
+            ids.append(marker_ids[markers[i - 1]])
         ids.extend(piece_ids)
     return ids
 
@@ -82,11 +85,16 @@ class OvisHfRenderer(HfRenderer):
             raise ValueError(
                 f"the prompt contains {found[0]} but no {found[0][1:-1]} was given; each "
                 f"{found[0]} marks where one goes (the reference model refuses this prompt too)")
-        # As the reference's _tokenize_with_visual_placeholder: a prompt with <video> is split
-        # on <video> only.
-        marker = VIDEO_TOKEN if VIDEO_TOKEN in found else IMAGE_TOKEN
+        if self._ovis_member.video_pad_token and "Ovis" in self._ovis_member.architectures:
+            # Ovis2: a video stands for its frames' <image> markers, and the text between
+            # markers of either kind is tokenized piece by piece (engine/processor.py).
+            markers = found or [IMAGE_TOKEN]
+        else:
+            # Ovis2.5's _tokenize_with_visual_placeholder: a prompt with <video> is split on
+            # <video> only.
+            markers = [VIDEO_TOKEN if VIDEO_TOKEN in found else IMAGE_TOKEN]
         pads = {m[1:-1]: pad for m, pad in self._ovis_markers.items()}  # "image" -> (token, id)
-        ids = reference_token_ids(self.tokenizer, text, self._ovis_markers[marker][1], pads, marker)
+        ids = reference_token_ids(self.tokenizer, text, {m: self._ovis_markers[m][1] for m in markers}, pads)
         if params.add_special_tokens:
             # Chat prompts are tokenized without: the reference's template writes <bos> itself.
             prefix, suffix = self._ovis_wrapping

@@ -21,7 +21,8 @@ defaults fill in only what was not given:
 - Ovis2.5/2.6 think: `--reasoning-parser qwen3`, so the thinking arrives in `reasoning_content`,
   and the reference's thinking budget for `thinking_token_budget` (engine/thinking.py, a logits
   processor added to --logits-processors); Ovis1.6/2 answer a budget with HTTP 400;
-- `--limit-mm-per-prompt {"image": 8}` on the Ovis1.6/2 checkpoints this plugin implements; Ovis2.5/
+- `--limit-mm-per-prompt {"image": 8}` on the Ovis1.6/2 checkpoints this plugin implements (and
+  one video on Ovis2, which runs it as its frames, as its guide); Ovis2.5/
   2.6 and any other checkpoint keep vLLM's own limits (Ovis2.5: any number of images or one
   video, as the reference), so serving them here is never more restrictive;
 - on a machine without CUDA: `--gpu-memory-utilization 0.5` and VLLM_CPU_KVCACHE_SPACE=4 (GiB);
@@ -348,7 +349,8 @@ def build_argv(argv: list[str]) -> list[str]:
             argv += ["--served-model-name", DEFAULT_SERVED_NAME]
     argv, member = _checkpoint_defaults(argv, system_prompt)
     if member is not None and "Ovis" in member.architectures and not _given(argv, "--limit-mm-per-prompt"):
-        argv += ["--limit-mm-per-prompt", json.dumps({"image": DEFAULT_IMAGE_LIMIT})]
+        limits = {"image": DEFAULT_IMAGE_LIMIT} | ({"video": 1} if member.video_pad_token else {})
+        argv += ["--limit-mm-per-prompt", json.dumps(limits)]
     if member is not None:
         argv = _thinking_defaults(argv, member)
     if not _has_cuda():

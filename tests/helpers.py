@@ -281,3 +281,19 @@ def with_extra_token(path):
     tokenizer.save_pretrained(path)
     assert len(tokenizer) == 151670
     return path
+
+
+def mp4_clip(frames: int, width: int, height: int, seed: int) -> bytes:
+    """An mp4 (MPEG-4 part 2) of random frames, written with OpenCV as vLLM's loader reads it."""
+    import tempfile
+
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "clip.mp4")
+        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 4, (width, height))
+        for _ in range(frames):
+            writer.write(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        writer.release()
+        return open(path, "rb").read()

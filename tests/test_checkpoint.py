@@ -246,7 +246,7 @@ def test_tiny_tokenizer_gives_the_same_ids_as_before(ckpt):
               184, 186, 175, 176, 183, 306]
     tok = AutoTokenizer.from_pretrained(ckpt)
     assert tok(text, add_special_tokens=False).input_ids == before
-    assert reference_token_ids(tok, text, 7, {"image": ("<unused0>", 7)}) == [7 if t == 511 else t for t in before]
+    assert reference_token_ids(tok, text, {"<image>": 7}, {"image": ("<unused0>", 7)}) == [7 if t == 511 else t for t in before]
 
 
 def test_same_seed_same_weights(tmp_path):

@@ -38,7 +38,8 @@ def member(request, tmp_path_factory):
     preset = request.param
     path = write_checkpoint(tmp_path_factory.mktemp(preset), preset, seed=SEED)
     row = member_of(json.loads((path / "config.json").read_text()))
-    engine = make_llm(path, max_num_seqs=8)
+    limits = {"image": 4} | ({"video": 1} if row.video_pad_token else {})
+    engine = make_llm(path, max_num_seqs=8, limit_mm_per_prompt=limits)
     yield preset, path, row.conversation.chat_template, engine, ReferenceOvis(path)
     shutdown(engine)
 
@@ -74,6 +75,32 @@ def test_reference_tokenization_and_parity(member):
     outs = run_engine(engine, cases, chat_template=template)
     for out, (turns, images) in zip(outs, cases):
         assert_parity(out, reference, turns, images)
+
+
+def test_video_runs_as_its_frames(member):
+    """Ovis2 runs a video as its guide does: frames as images with max_partition 1, in the
+    prompt '\n'.join(['<image>'] * frames) + '\n' + text. The engine takes the frames as one
+    video where the chat puts `<video>`, and gets the reference's prompt, log-probabilities and
+    greedy tokens. Ovis1.6, which has no video, refuses one."""
+    import numpy as np
+    from PIL import Image
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    _, _, template, engine, reference = member
+    rng = np.random.default_rng(SEED)
+    video = rng.integers(0, 256, (3, 60, 100, 3), dtype=np.uint8)  # 3 frames, not square
+    prompt = chat_prompt(engine.get_tokenizer(), [("user", "<video>\nWhat happens?")], template)
+    request = {"prompt": prompt, "multi_modal_data": {"video": video}}
+    params = SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=1, logprobs=1)
+    if reference.formatter.__class__.__name__ != "QwenConversationFormatter":  # Ovis1.6
+        with pytest.raises(VLLMValidationError, match="At most 0 video"):
+            engine.generate(request, params, use_tqdm=False)
+        return
+    out = engine.generate(request, params, use_tqdm=False)[0]
+    frames = [Image.fromarray(frame) for frame in video]
+    turns = [("user", "\n".join(["<image>"] * len(frames)) + "\nWhat happens?")]
+    assert_parity(out, reference, turns, frames, max_partition=1)
 
 
 def test_whole_text_tokenization_would_differ(member):

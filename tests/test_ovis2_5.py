@@ -24,6 +24,7 @@ from tests.helpers import (
     rand_image,
     shutdown,
     start_two_rank_engine,
+    mp4_clip,
     with_extra_token,
 )
 from tests.ovis25_reference import EARLY_STOP_TEXT, THINK_END_TOKEN_ID, ReferenceOvis25, content_items
@@ -240,23 +241,6 @@ def test_server_answers_the_reference_through_the_openai_client(ovis25_server):
     assert_matches_reference(served_output(reply), reference,
                              {"turns": turns, "images": images, "video": None, "mm_kwargs": {}})
     assert "trust-remote-code" not in log.read_text()
-
-
-def mp4_clip(frames: int, width: int, height: int, seed: int) -> bytes:
-    """An mp4 (MPEG-4 part 2) of random frames, written with OpenCV as vLLM's loader reads it."""
-    import os
-    import tempfile
-
-    import cv2
-
-    rng = np.random.default_rng(seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "clip.mp4")
-        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 4, (width, height))
-        for _ in range(frames):
-            writer.write(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-        writer.release()
-        return open(path, "rb").read()
 
 
 def test_video_url_answers_the_reference(ovis25_server):

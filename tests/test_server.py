@@ -156,6 +156,16 @@ def test_thinking_budget_without_a_thinking_mode_is_a_400(server, client):
     assert chat(client, user("Hi")).choices[0].message.content is not None
 
 
+def test_video_without_a_video_mode_is_a_400(server, client):
+    """Ovis1.6 takes no video (Ovis2 and Ovis2.5/2.6 do: tests/test_video.py, test_ovis2_5.py)."""
+    from tests.helpers import mp4_clip
+
+    video = {"type": "video_url", "video_url": {"url": data_url(mp4_clip(3, 64, 64, 1), "video/mp4")}}
+    response = post(server, {"messages": [{"role": "user", "content": [video, {"type": "text", "text": "Hi"}]}]})
+    assert response.status_code == 400 and "at most 0 video" in response.text.lower(), response.text
+    assert chat(client, user("Hi")).choices[0].message.content is not None
+
+
 def test_unknown_model_and_malformed_json(server):
     unknown = post(server, {"messages": user("Hi")}, model="no-such-model")
     assert unknown.status_code == 404 and "no-such-model" in unknown.text
