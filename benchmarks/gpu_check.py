@@ -45,9 +45,11 @@ def plan(out: Path = OUT / "gpu-check") -> list[dict]:
     """The steps in order: name, command (run from the repo root), extra environment, time limit."""
     return [
         dict(name="install", cmd=["bash", "scripts/install.sh"], env={"OVIS_VLLM_BUILD": "cuda"}, limit_s=300),
-        # The tests that skip without CUDA (the Triton kernels on the GPU, in bf16 at real sizes).
+        # The tests that skip without CUDA (the Triton kernels on the GPU, in bf16 at real sizes;
+        # the thinking budget on Model Runner V2).
         dict(name="CUDA tests", cmd=[VENV_PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                     "tests/test_visual_embed.py", "-k", "cuda"], env={}, limit_s=180),
+                                     "tests/test_visual_embed.py", "tests/test_thinking_budget.py", "-k", "cuda"],
+             env={}, limit_s=240),
         dict(name="kernel benchmark", cmd=[VENV_PYTHON, "-m", "benchmarks.visual_embed", "--device", "cuda",
                                            "--dtypes", "bf16", "--sizes", KERNEL_SIZES, "--sweep",
                                            "--out", str(out / "kernel")], env={}, limit_s=180),

@@ -160,15 +160,18 @@ class ThinkingBudget(V1LogitsProcessor, V2LogitsProcessor):
         pos = ctx.pos[rows].long()
         k = pos + 1 - prompt_len - budgets  # index into TRANSITION of the token sampled now
         width = int(budgets_np[rows_np].max()) or 1
+        committed, newest = self.req_states.all_token_ids.gpu, ctx.input_ids[rows].long()[:, None]
+
+        def tokens_at(positions: torch.Tensor) -> torch.Tensor:  # [rows, k] sequence positions
+            ids = committed[slots[:, None], positions.clamp(0, committed.shape[1] - 1)].long()
+            return torch.where(positions == pos[:, None], newest, ids)
+
         offsets = prompt_len[:, None] + torch.arange(width, device=device)[None, :]
-        ids = self.req_states.all_token_ids.gpu[slots[:, None], offsets.clamp(max=self.req_states.all_token_ids.gpu.shape[1] - 1)]
-        ids = torch.where(offsets == pos[:, None], ctx.input_ids[rows].long()[:, None], ids.long())
         in_budget = torch.arange(width, device=device)[None, :] < budgets[:, None]
-        closed = (torch.isin(ids, self.stop_gpu) & in_budget).any(dim=1)
+        closed = (torch.isin(tokens_at(offsets), self.stop_gpu) & in_budget).any(dim=1)
         n_off = len(self.thinking_off)
         tail = prompt_len[:, None] - n_off + torch.arange(n_off, device=device)[None, :]
-        prompt_tail = self.req_states.all_token_ids.gpu[slots[:, None], tail.clamp(min=0)].long()
-        off = (prompt_tail == self.thinking_off_gpu[None, :]).all(dim=1)
+        off = (tokens_at(tail) == self.thinking_off_gpu[None, :]).all(dim=1)
         due = (k >= 0) & (k < len(self.transition)) & ~closed & ~off
         token = self.transition_gpu[k.clamp(0, len(self.transition) - 1)]
         forced = torch.full_like(logits[rows], float("-inf"))

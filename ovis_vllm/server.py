@@ -75,6 +75,8 @@ class RequestBodyLimit:
     - A body over OVIS_MAX_REQUEST_BYTES gets HTTP 413, with no more than that held in memory.
       The rest is read to its end and dropped, so that the client, still sending, gets the
       answer and not a reset connection.
+    - A body with the reference's `thinking_budget` gets it renamed to vLLM's
+      `thinking_token_budget` (Ovis2.5/2.6's thinking budget, engine/thinking.py).
     - Bodies admitted but not yet answered (the window in which their images are decoded and
       preprocessed, several times the body's size in memory) total at most
       OVIS_MAX_PENDING_BYTES; one request is always admitted. A request over the budget waits
@@ -113,6 +115,12 @@ class RequestBodyLimit:
                 f"server busy: requests of {self.pending} bytes are still being processed and this "
                 f"one ({size} bytes) waited {self.timeout:g} s for room (--max-pending-bytes "
                 f"{self.max_pending}); retry later", retry_after=max(1, round(self.timeout)))
+        if b'"thinking_budget"' in b"".join(m.get("body", b"") for m in messages):
+            messages, error = _thinking_budget_renamed(messages)
+            if error:
+                return await self._error(send, 400, "BadRequestError", error)
+            length = str(sum(len(m["body"]) for m in messages)).encode()
+            scope = dict(scope, headers=[(k, length if k == b"content-length" else v) for k, v in scope["headers"]])
         buffered = iter(messages)
 
         async def replay():
@@ -162,6 +170,23 @@ class RequestBodyLimit:
             headers.append((b"retry-after", str(retry_after).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def _thinking_budget_renamed(messages: list[dict]) -> tuple[list[dict], str | None]:
+    """A request body with the reference's `thinking_budget` gets it as vLLM's
+    `thinking_token_budget` (which vLLM's request model knows; it would drop the other name with
+    only a log line): (the body's messages, or an error for HTTP 400)."""
+    body = b"".join(m.get("body", b"") for m in messages)
+    try:
+        request = json.loads(body)
+    except ValueError:
+        return messages, None  # vLLM answers malformed JSON itself
+    if not isinstance(request, dict) or "thinking_budget" not in request:
+        return messages, None
+    if "thinking_token_budget" in request:
+        return messages, "give thinking_budget or thinking_token_budget, not both"
+    request["thinking_token_budget"] = request.pop("thinking_budget")
+    return [{"type": "http.request", "body": json.dumps(request).encode(), "more_body": False}], None
 
 
 def _given(argv: list[str], flag: str) -> bool:
@@ -322,6 +347,7 @@ def _take_count(argv: list[str], flag: str, env: str, default: int) -> None:
 
 def build_argv(argv: list[str]) -> list[str]:
     """vLLM's argv: the user's flags plus our defaults for those not given."""
+    from ovis_vllm.engine import video  # noqa: F401  the "ovis" video loader, also with VLLM_PLUGINS=none
     from ovis_vllm.engine.media import DEFAULT_MAX_IMAGE_URL_BYTES, URL_POLICIES
 
     argv = list(argv)

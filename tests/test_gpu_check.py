@@ -66,7 +66,7 @@ def test_plan(tmp_path, capsys):
     assert [s["name"] for s in steps] == ["install", "CUDA tests", "kernel benchmark", "serving benchmark"]
     install, tests, kernel, serve = (gpu_check.shell_line(s) for s in steps)
     assert install == "OVIS_VLLM_BUILD=cuda bash scripts/install.sh"
-    assert "pytest" in tests and "tests/test_visual_embed.py -k cuda" in tests
+    assert "pytest" in tests and "tests/test_visual_embed.py tests/test_thinking_budget.py -k cuda" in tests
     assert "-m benchmarks.visual_embed --device cuda --dtypes bf16" in kernel and "--sweep" in kernel
     assert "-m benchmarks.serve --preset wide" in serve and "'--gpu-memory-utilization 0.4'" in serve
     assert sum(s["limit_s"] for s in steps) <= 20 * 60

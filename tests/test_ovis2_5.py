@@ -380,6 +380,18 @@ def test_thinking_off_as_the_template_does_it(thinking, switch):
         assert reply.choices[0].message.content == reference.tokenizer.decode(want)
 
 
+def test_the_references_name_for_the_budget(thinking):
+    """`thinking_budget`, the reference's name, is the same budget; both at once is a 400."""
+    import openai
+
+    client, path, _, messages, _, _ = thinking
+    ours = ask(client, path, messages, thinking_budget=3).choices[0].model_extra["token_ids"]
+    assert ours == ask(client, path, messages, thinking_token_budget=3).choices[0].model_extra["token_ids"]
+    assert ours != ask(client, path, messages).choices[0].model_extra["token_ids"]
+    with pytest.raises(openai.BadRequestError, match="not both"):
+        ask(client, path, messages, thinking_budget=3, thinking_token_budget=3)
+
+
 @pytest.mark.parametrize("budget", [-2, 1.5, "many", True])
 def test_bad_thinking_budget_is_a_400(thinking, budget):
     """A budget that is not an integer >= 0 (vLLM's -1, "unlimited", is no budget) is a 400

@@ -78,7 +78,7 @@ def test_model_runner_v2_path_forces_the_reference_tokens(tokenizer, monkeypatch
                                  prompt_len=SimpleNamespace(gpu=prompt_len))
     proc = processor(tokenizer, monkeypatch, req_states)
     vocab = max(vocab, max(proc.transition + sorted(proc.stop_thinking)) + 1)
-    for _ in range(30):
+    for _ in range(200):
         batch = rng.sample(range(slots), rng.randrange(1, slots))
         rows, want = [], []
         for slot in batch:
@@ -130,3 +130,31 @@ def test_v1_path_follows_the_batch(tokenizer, monkeypatch):
             assert torch.equal(after[index], before[index])
         else:
             assert int(after[index].argmax()) == token
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Model Runner V2 runs on CUDA only")
+def test_cuda_model_runner_v2_serves_the_reference_budget(tmp_path):
+    """On a GPU (benchmarks/gpu_check.py runs this): the engine's own runner (Model Runner V2 by
+    default) with the processor gives the reference's two-phase tokens, greedy, fp32, for
+    budgets 0, 2 and none, in one batch."""
+    from vllm import SamplingParams
+
+    from ovis_vllm.engine.checkpoints import write_checkpoint
+    from tests.helpers import make_llm, shutdown
+    from tests.ovis25_reference import ReferenceOvis25
+
+    path = write_checkpoint(tmp_path / "ovis2.6", "ovis2.6-2b", seed=SEED)
+    reference = ReferenceOvis25(path)
+    engine = make_llm(path, logits_processors=["ovis_vllm.engine.thinking:ThinkingBudget"])
+    try:
+        raw = reference.format_conversation([("user", "Think it over.")], enable_thinking=True)
+        embeds, ids = reference.merged_embeddings(raw)
+        budgets = [0, 2, None]
+        params = [SamplingParams(temperature=0, max_tokens=90, thinking_token_budget=b) for b in budgets]
+        outs = engine.generate([{"prompt_token_ids": ids}] * len(budgets), params, use_tqdm=False)
+        for budget, out in zip(budgets, outs):
+            want = reference.greedy(embeds, 90)[0] if budget is None else \
+                reference.generate_with_thinking_budget(embeds, budget, 90)
+            assert list(out.outputs[0].token_ids) == want[:90], budget
+    finally:
+        shutdown(engine)

@@ -29,15 +29,16 @@ def ovis2_server(tmp_path_factory):
     path = write_checkpoint(tmp_path_factory.mktemp("ovis2"), "ovis2-1b", seed=SEED)
     log = tmp_path_factory.mktemp("logs") / "server.log"
     args = [str(path), "--dtype", "float32", "--max-num-seqs", "4", "--enforce-eager",
-            "--max-model-len", str(MAX_MODEL_LEN), "--trust-request-mm-kwargs",
+            "--max-model-len", str(MAX_MODEL_LEN), "--trust-request-mm-kwargs", "--image-urls", "any",
             "--media-io-kwargs", json.dumps({"video": {"num_frames": SERVER_FRAMES}})]
     with running_server(args, log) as base:
         client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
         yield client, path
 
 
-def ask_about(client, path, clip: bytes, media_io: dict | None = None, **extra):
-    content = [{"type": "video_url", "video_url": {"url": data_url(clip, "video/mp4")}},
+def ask_about(client, path, clip: bytes | str, media_io: dict | None = None, **extra):
+    url = clip if isinstance(clip, str) else data_url(clip, "video/mp4")
+    content = [{"type": "video_url", "video_url": {"url": url}},
                {"type": "text", "text": "What happens?"}]
     # Greedy without generation_config.json's repetition penalty (the reference decodes plain).
     body = {"prompt_logprobs": 1, "return_token_ids": True, "repetition_penalty": 1.0}
@@ -82,6 +83,46 @@ def test_video_url_answers_the_reference(ovis2_server, sampling, frames):
     images = [every[i] for i in picked]
     turns = [("user", "\n".join(["<image>"] * len(images)) + "\nWhat happens?")]
     assert_parity(served_output(reply), ReferenceOvis(path), turns, images, max_partition=1)
+
+
+def test_http_video_url_is_fetched_like_an_image(ovis2_server):
+    """An http(s) video URL goes through the image fetcher (its URL policy, here `any` so that a
+    loopback origin may serve; size cap; HTTP 400 for a failed fetch) and gets the same reply as
+    the same clip in a data URL."""
+    import http.server
+    import threading
+
+    import openai
+
+    client, path = ovis2_server
+    clip = mp4_clip(6, 96, 64, SEED % 1000 + 1)
+
+    class Origin(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path != "/clip.mp4":
+                return self.send_error(404)
+            self.send_response(200)
+            self.send_header("Content-Type", "video/mp4")
+            self.send_header("Content-Length", str(len(clip)))
+            self.end_headers()
+            self.wfile.write(clip)
+
+        def log_message(self, *args):
+            pass
+
+    origin = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Origin)
+    threading.Thread(target=origin.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{origin.server_address[1]}"
+        fetched = ask_about(client, path, base + "/clip.mp4")
+        inline = ask_about(client, path, clip)
+        assert fetched.model_extra["prompt_token_ids"] == inline.model_extra["prompt_token_ids"]
+        assert fetched.model_extra["prompt_logprobs"] == inline.model_extra["prompt_logprobs"]
+        assert fetched.choices[0].model_extra["token_ids"] == inline.choices[0].model_extra["token_ids"]
+        with pytest.raises(openai.BadRequestError, match="404"):
+            ask_about(client, path, base + "/missing.mp4")
+    finally:
+        origin.shutdown()
 
 
 def test_sampling_rules_are_the_guides():
