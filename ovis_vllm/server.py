@@ -115,18 +115,7 @@ class RequestBodyLimit:
                 f"server busy: requests of {self.pending} bytes are still being processed and this "
                 f"one ({size} bytes) waited {self.timeout:g} s for room (--max-pending-bytes "
                 f"{self.max_pending}); retry later", retry_after=max(1, round(self.timeout)))
-        if b'"thinking_budget"' in b"".join(m.get("body", b"") for m in messages):
-            messages, error = _thinking_budget_renamed(messages)
-            if error:
-                return await self._error(send, 400, "BadRequestError", error)
-            length = str(sum(len(m["body"]) for m in messages)).encode()
-            scope = dict(scope, headers=[(k, length if k == b"content-length" else v) for k, v in scope["headers"]])
-        buffered = iter(messages)
-
-        async def replay():
-            return next(buffered, None) or await receive()
-
-        held = size
+        held = size  # released when the response starts, or when this request ends
 
         async def send_and_release(message):
             nonlocal held
@@ -136,6 +125,14 @@ class RequestBodyLimit:
             await send(message)
 
         try:
+            messages, scope, error = _thinking_budget_renamed(messages, scope)
+            if error:
+                return await self._error(send_and_release, 400, "BadRequestError", error)
+            buffered = iter(messages)
+
+            async def replay():
+                return next(buffered, None) or await receive()
+
             await self.app(scope, replay, send_and_release)
         finally:
             if held:
@@ -172,21 +169,26 @@ class RequestBodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def _thinking_budget_renamed(messages: list[dict]) -> tuple[list[dict], str | None]:
+def _thinking_budget_renamed(messages: list[dict], scope: dict) -> tuple[list[dict], dict, str | None]:
     """A request body with the reference's `thinking_budget` gets it as vLLM's
     `thinking_token_budget` (which vLLM's request model knows; it would drop the other name with
-    only a log line): (the body's messages, or an error for HTTP 400)."""
-    body = b"".join(m.get("body", b"") for m in messages)
+    only a log line): (the body's messages, the scope with their length, an error for HTTP 400)."""
+    body = b"".join(m.get("body", b"") for m in messages)  # of one chunk: that chunk, no copy
+    if b'"thinking_budget"' not in body:
+        return messages, scope, None
     try:
         request = json.loads(body)
     except ValueError:
-        return messages, None  # vLLM answers malformed JSON itself
+        return messages, scope, None  # vLLM answers malformed JSON itself
     if not isinstance(request, dict) or "thinking_budget" not in request:
-        return messages, None
+        return messages, scope, None
     if "thinking_token_budget" in request:
-        return messages, "give thinking_budget or thinking_token_budget, not both"
+        return messages, scope, "give thinking_budget or thinking_token_budget, not both"
     request["thinking_token_budget"] = request.pop("thinking_budget")
-    return [{"type": "http.request", "body": json.dumps(request).encode(), "more_body": False}], None
+    body = json.dumps(request).encode()
+    length = str(len(body)).encode()
+    headers = [(k, length if k == b"content-length" else v) for k, v in scope["headers"]]
+    return [{"type": "http.request", "body": body, "more_body": False}], dict(scope, headers=headers), None
 
 
 def _given(argv: list[str], flag: str) -> bool:

@@ -54,3 +54,16 @@ def test_burst_queues_then_refuses_with_503(server):
     # The budget is free again once the burst is over.
     again = httpx.post(server + "/v1/chat/completions", json=bodies[0], timeout=120)
     assert again.status_code == 200, again.text
+
+
+def test_a_body_refused_after_admission_frees_its_room(server):
+    """A body the middleware itself refuses once admitted (both names of the thinking budget)
+    gives its bytes back: with the budget below one body, a leak would leave every later
+    request waiting for room that never comes (503)."""
+    both = photo_request(100) | {"thinking_budget": 3, "thinking_token_budget": 3}
+    assert len(str(both)) > 1_000_000
+    for _ in range(2):
+        refused = httpx.post(server + "/v1/chat/completions", json=both, timeout=120)
+        assert refused.status_code == 400 and "not both" in refused.json()["error"]["message"], refused.text
+    after = httpx.post(server + "/v1/chat/completions", json=photo_request(101), timeout=120)
+    assert after.status_code == 200, after.text
