@@ -81,11 +81,11 @@ def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return address.is_global and not address.is_multicast
 
 
-def policy_check() -> AddressCheck:
+def policy_check(what: str = "image") -> AddressCheck:
     """The address predicate of the server's URL policy; ValueError when fetching is off."""
     policy = url_policy()
     if policy == "off":
-        raise ValueError("fetching image URLs is disabled on this server; send the image as a "
+        raise ValueError(f"fetching {what} URLs is disabled on this server; send the {what} as a "
                          "base64 data URL")
     return is_public if policy == "public" else (lambda address: True)
 
@@ -102,16 +102,16 @@ def lookup(host: str, port: int) -> list[str]:
     return [info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
 
 
-async def resolve_checked(host: str, port: int, allowed: AddressCheck) -> list[str]:
+async def resolve_checked(host: str, port: int, allowed: AddressCheck, what: str = "image") -> list[str]:
     """The host's addresses, each one allowed by the policy, or ValueError naming the problem."""
     loop = asyncio.get_running_loop()
     try:
         addresses = await loop.run_in_executor(_resolver_pool, lookup, host, port)
     except (OSError, UnicodeError) as exc:  # socket.gaierror is an OSError
-        raise ValueError(f"cannot resolve the image URL's host {host!r}: {exc}") from exc
+        raise ValueError(f"cannot resolve the {what} URL's host {host!r}: {exc}") from exc
     for address in addresses:
         if not allowed(ipaddress.ip_address(address.split("%")[0])):
-            raise ValueError(f"refusing to fetch the image URL: host {host!r} resolves to the "
+            raise ValueError(f"refusing to fetch the {what} URL: host {host!r} resolves to the "
                              f"non-public address {address} (the server's URL policy is "
                              f"'{url_policy()}')")
     return addresses
@@ -135,70 +135,71 @@ class PinnedResolver(aiohttp.abc.AbstractResolver):
         pass
 
 
-def _parse_url(url: str) -> yarl.URL:
+def _parse_url(url: str, what: str) -> yarl.URL:
     try:
         return yarl.URL(url)
     except (ValueError, TypeError) as exc:
-        raise ValueError(f"invalid image URL {url[:100]!r}: {exc}") from exc
+        raise ValueError(f"invalid {what} URL {url[:100]!r}: {exc}") from exc
 
 
-async def _read_capped(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
-    too_big = f"above this server's cap of {max_bytes} bytes for image URLs"
+async def _read_capped(response: aiohttp.ClientResponse, max_bytes: int, what: str) -> bytes:
+    too_big = f"above this server's cap of {max_bytes} bytes for media URLs"
     if response.content_length is not None and response.content_length > max_bytes:
-        raise ValueError(f"the image at the URL is {response.content_length} bytes, {too_big}")
+        raise ValueError(f"the {what} at the URL is {response.content_length} bytes, {too_big}")
     data = bytearray()
     async for chunk in response.content.iter_chunked(_CHUNK_BYTES):
         data += chunk
         if len(data) > max_bytes:
-            raise ValueError(f"the image at the URL is more than {max_bytes} bytes, {too_big}")
+            raise ValueError(f"the {what} at the URL is more than {max_bytes} bytes, {too_big}")
     return bytes(data)
 
 
 async def fetch_url_bytes(url: str, *, timeout: float, allowed: AddressCheck | None = None,
                           max_bytes: int | None = None, redirects: int | None = None,
-                          check_url: Callable[[str], None] | None = None) -> bytes:
+                          check_url: Callable[[str], None] | None = None, what: str = "image") -> bytes:
     """The body at an http(s) URL, fetched under the server's policy (or the `allowed` address
     predicate), within `timeout` seconds for everything (lookups included), at most `max_bytes`
     long, following at most `redirects` redirects, each hop checked as the first (`check_url`
-    too). Every failure is a ValueError naming the problem."""
-    allowed = policy_check() if allowed is None else allowed
+    too). Every failure is a ValueError naming the problem, and `what` the URL holds ("image",
+    "video")."""
+    allowed = policy_check(what) if allowed is None else allowed
     max_bytes = max_image_url_bytes() if max_bytes is None else max_bytes
     redirects = max_redirects() if redirects is None else redirects
 
     async def fetch() -> bytes:
-        current = _parse_url(url)
+        current = _parse_url(url, what)
         for hop in range(redirects + 1):
             if current.scheme not in HTTP_SCHEMES or not current.raw_host:
-                raise ValueError(f"cannot fetch the image URL {str(current)[:100]!r}: not an "
+                raise ValueError(f"cannot fetch the {what} URL {str(current)[:100]!r}: not an "
                                  "http(s) URL with a host")
             if check_url is not None:
                 check_url(str(current))
-            addresses = await resolve_checked(current.raw_host, current.port, allowed)
+            addresses = await resolve_checked(current.raw_host, current.port, allowed, what)
             connector = aiohttp.TCPConnector(resolver=PinnedResolver(addresses), use_dns_cache=False)
             # trust_env=False: a proxy from the environment would make the checks meaningless.
             async with aiohttp.ClientSession(connector=connector, trust_env=False) as session, \
                     session.get(current, allow_redirects=False) as response:
                 if response.status in REDIRECT_STATUSES and "Location" in response.headers:
-                    target = current.join(_parse_url(response.headers["Location"]))
+                    target = current.join(_parse_url(response.headers["Location"], what))
                     if hop == redirects:
                         raise ValueError(
-                            f"the image URL redirects (HTTP {response.status} to "
+                            f"the {what} URL redirects (HTTP {response.status} to "
                             f"{str(target)[:100]!r}) and this server follows at most "
                             f"{redirects} redirect(s); send the final URL")
                     current = target
                     continue
                 if response.status >= 400:
-                    raise ValueError(f"fetching the image URL failed: its server answered HTTP "
+                    raise ValueError(f"fetching the {what} URL failed: its server answered HTTP "
                                      f"{response.status} {response.reason or ''}".rstrip())
-                return await _read_capped(response, max_bytes)
+                return await _read_capped(response, max_bytes, what)
         raise AssertionError("unreachable")
 
     try:
         return await asyncio.wait_for(fetch(), timeout)
     except asyncio.TimeoutError as exc:
-        raise ValueError(f"fetching the image URL took longer than {timeout} s") from exc
+        raise ValueError(f"fetching the {what} URL took longer than {timeout} s") from exc
     except (aiohttp.ClientError, OSError) as exc:
-        raise ValueError(f"fetching the image URL failed: {exc}") from exc
+        raise ValueError(f"fetching the {what} URL failed: {exc}") from exc
 
 
 class ReferenceImageMediaIO(ImageMediaIO):
@@ -215,6 +216,13 @@ class ReferenceImageMediaIO(ImageMediaIO):
         if image.width == 0 or image.height == 0:
             raise ValueError(f"image has zero size ({image.width}x{image.height})")
         return MediaWithBytes(image, data, None)
+
+
+def media_kind(media_io) -> str:
+    """What a URL loaded with `media_io` holds, to name it in error messages: "image",
+    "video", "audio" (from vLLM's MediaIO class names), or "media"."""
+    name = type(media_io).__name__.lower()
+    return next((kind for kind in ("image", "video", "audio") if kind in name), "media")
 
 
 @MEDIA_CONNECTOR_REGISTRY.register("ovis")
@@ -240,11 +248,11 @@ class OvisMediaConnector(MediaConnector):
         except OSError as exc:  # missing or unreadable file under the allowed directory
             raise ValueError(f"cannot read the local image file: {exc.strerror or exc}") from exc
 
-    async def _fetch(self, url: str, fetch_timeout: float | None) -> bytes:
+    async def _fetch(self, url: str, fetch_timeout: float | None, what: str) -> bytes:
         from vllm import envs
 
         return await fetch_url_bytes(url, timeout=fetch_timeout or envs.VLLM_IMAGE_FETCH_TIMEOUT,
-                                     check_url=self._check_allowed_domain)
+                                     check_url=self._check_allowed_domain, what=what)
 
     def _check_allowed_domain(self, url: str) -> None:
         from urllib3.util import parse_url
@@ -252,24 +260,26 @@ class OvisMediaConnector(MediaConnector):
         self._assert_url_in_allowed_media_domains(parse_url(url))  # vLLM's --allowed-media-domains
 
     @staticmethod
-    def _check_scheme(url: str) -> str:
+    def _check_scheme(url: str, what: str) -> str:
         scheme = url_scheme(url)
         if scheme not in ("data", "file", *HTTP_SCHEMES):
-            raise ValueError(f"unsupported image URL {url[:40]!r}: send a data:, http(s): or "
+            raise ValueError(f"unsupported {what} URL {url[:40]!r}: send a data:, http(s): or "
                              "file: URL")
         return scheme
 
     def load_from_url(self, url, media_io, *, fetch_timeout=None):
-        if self._check_scheme(url) in HTTP_SCHEMES:
+        what = media_kind(media_io)
+        if self._check_scheme(url, what) in HTTP_SCHEMES:
             # A thread of its own for the event loop: the caller's may run one (a notebook).
             with ThreadPoolExecutor(1) as pool:
-                data = pool.submit(asyncio.run, self._fetch(url, fetch_timeout)).result()
+                data = pool.submit(asyncio.run, self._fetch(url, fetch_timeout, what)).result()
             return media_io.load_bytes(data)
         return super().load_from_url(url, media_io, fetch_timeout=fetch_timeout)
 
     async def load_from_url_async(self, url, media_io, *, fetch_timeout=None):
-        if self._check_scheme(url) in HTTP_SCHEMES:
-            data = await self._fetch(url, fetch_timeout)
+        what = media_kind(media_io)
+        if self._check_scheme(url, what) in HTTP_SCHEMES:
+            data = await self._fetch(url, fetch_timeout, what)
             return await asyncio.get_running_loop().run_in_executor(
                 global_thread_pool, media_io.load_bytes, data)
         return await super().load_from_url_async(url, media_io, fetch_timeout=fetch_timeout)

@@ -87,8 +87,8 @@ def test_video_url_answers_the_reference(ovis2_server, sampling, frames):
 
 def test_http_video_url_is_fetched_like_an_image(ovis2_server):
     """An http(s) video URL goes through the image fetcher (its URL policy, here `any` so that a
-    loopback origin may serve; size cap; HTTP 400 for a failed fetch) and gets the same reply as
-    the same clip in a data URL."""
+    loopback origin may serve; size cap; HTTP 400 for a failed fetch, naming the video URL) and
+    gets the same reply as the same clip in a data URL."""
     import http.server
     import threading
 
@@ -119,7 +119,7 @@ def test_http_video_url_is_fetched_like_an_image(ovis2_server):
         assert fetched.model_extra["prompt_token_ids"] == inline.model_extra["prompt_token_ids"]
         assert fetched.model_extra["prompt_logprobs"] == inline.model_extra["prompt_logprobs"]
         assert fetched.choices[0].model_extra["token_ids"] == inline.choices[0].model_extra["token_ids"]
-        with pytest.raises(openai.BadRequestError, match="404"):
+        with pytest.raises(openai.BadRequestError, match="fetching the video URL failed: .*HTTP 404"):
             ask_about(client, path, base + "/missing.mp4")
     finally:
         origin.shutdown()
