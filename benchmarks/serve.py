@@ -158,13 +158,16 @@ async def run_level(base_url: str, model: str | list[str], requests: list[dict],
                     temperature=0, stream=True, stream_options={"include_usage": True})
                 async for chunk in stream:
                     now = time.perf_counter()
-                    if chunk.choices and chunk.choices[0].delta.content:
+                    delta = chunk.choices[0].delta if chunk.choices else None
+                    # Thinking (Ovis2.5/2.6, vLLM's reasoning parser) streams as `reasoning`:
+                    # tokens too, timed as vLLM's own benchmark times them.
+                    if delta is not None and (delta.content or getattr(delta, "reasoning", None)):
                         if out.ttft == 0.0:
                             out.ttft = now - start
                         else:
                             out.itl.append(now - last)
                         last = now
-                        out.generated_text += chunk.choices[0].delta.content
+                        out.generated_text += delta.content or ""
                     if chunk.usage:
                         out.output_tokens = chunk.usage.completion_tokens
                         out.prompt_len = chunk.usage.prompt_tokens

@@ -362,6 +362,21 @@ def test_thinking_streams_as_it_answers(thinking):
     assert "".join(answer) == whole.content and whole.content
 
 
+def test_serve_benchmark_times_thinking_tokens(thinking):
+    """benchmarks/serve.py times streamed thinking (`reasoning` deltas) as tokens, as vLLM's
+    own benchmark does (before, a reply still thinking had no first token at all)."""
+    import asyncio
+
+    from benchmarks.serve import run_level
+
+    client, path, _, messages, _, _ = thinking
+    requests = [{"messages": messages, "max_tokens": 5}]
+    [out], _, _ = asyncio.run(run_level(str(client.base_url).removesuffix("/v1/"), str(path), requests, 1))
+    assert out.success and out.output_tokens == 5, out.error
+    # One interval per later token (a `</think>` alone would stream as neither field).
+    assert 0 < out.ttft < out.latency and len(out.itl) >= 3, (out.ttft, out.itl)
+
+
 @pytest.mark.parametrize("switch", [{"chat_template_kwargs": {"enable_thinking": False}},
                                     {"reasoning_effort": "none"}])
 def test_thinking_off_as_the_template_does_it(thinking, switch):
