@@ -1,4 +1,5 @@
 """How the server turns `image_url` parts into images: as the reference sees them, and safely.
+(`video_url` parts are fetched and refused the same way; their decoding is engine/video.py's.)
 
 Selected with VLLM_MEDIA_CONNECTOR=ovis (server.py sets it). Compared with vLLM's default
 connector it
@@ -239,14 +240,15 @@ class OvisMediaConnector(MediaConnector):
     def _load_file_url(self, url_spec, media_io):
         # vLLM raises RuntimeError here (HTTP 500, and the client's keep-alive connection is
         # dropped); these are the client's errors, so ValueError (HTTP 400) naming the problem.
+        what = media_kind(media_io)
         if self.allowed_local_media_path is None:
-            raise ValueError("this server does not load local files (file:// URLs); send the "
-                             "image as a data URL, or start the server with "
-                             "--allowed-local-media-path DIR")
+            raise ValueError(f"this server does not load local files (file:// URLs); send the "
+                             f"{what} as a data URL, or start the server with "
+                             f"--allowed-local-media-path DIR")
         try:
             return super()._load_file_url(url_spec, media_io)
         except OSError as exc:  # missing or unreadable file under the allowed directory
-            raise ValueError(f"cannot read the local image file: {exc.strerror or exc}") from exc
+            raise ValueError(f"cannot read the local {what} file: {exc.strerror or exc}") from exc
 
     async def _fetch(self, url: str, fetch_timeout: float | None, what: str) -> bytes:
         from vllm import envs
